@@ -1,0 +1,4 @@
+"""Public functional API: one function per op (validate -> custom op -> backend)."""
+from .dilated_conv1d import dilated_conv1d, dilated_conv1d_step
+
+__all__ = ["dilated_conv1d", "dilated_conv1d_step"]
