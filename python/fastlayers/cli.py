@@ -184,6 +184,33 @@ def _report(out_dir: str) -> int:
     return 0
 
 
+def cmd_matrix(args) -> int:
+    """Print the support matrix generated from the registry; --write/--check a README's generated block."""
+    from . import registry
+    block = registry.support_matrix()
+    if not args.write and not args.check:
+        print(block)
+        return 0
+    path = args.write or args.check
+    text = open(path, encoding="utf-8").read()
+    try:
+        head, rest = text.split(registry.MATRIX_BEGIN, 1)
+        _, tail = rest.split(registry.MATRIX_END, 1)
+    except ValueError:
+        print(f"{path}: no generated support-matrix block ({registry.MATRIX_BEGIN!r} ... {registry.MATRIX_END!r})")
+        return 1
+    new = head + block + tail
+    if args.check:
+        if new != text:
+            print(f"{path}: the support matrix is out of date; run `fastlayers matrix --write {path}`")
+            return 1
+        print(f"{path}: support matrix up to date")
+        return 0
+    open(path, "w", encoding="utf-8").write(new)
+    print(f"wrote the support matrix into {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastlayers", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -199,8 +226,12 @@ def main(argv=None) -> int:
     b.add_argument("--modes", nargs="*", default=None, choices=["fwd", "bwd", "fwd+bwd"])
     b.add_argument("--out", default=os.path.join("benchmarks", "results"))
     b.add_argument("--report", action="store_true", help="render committed GPU results into REPORT.md + PNG")
+    m = sub.add_parser("matrix", help="the support matrix (op × backend × dtype × fwd/bwd × compile) from the registry")
+    g = m.add_mutually_exclusive_group()
+    g.add_argument("--write", metavar="README", help="replace the generated block in this file")
+    g.add_argument("--check", metavar="README", help="fail if this file's generated block is out of date")
     args = p.parse_args(argv)
-    return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}[args.cmd](args)
+    return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "matrix": cmd_matrix}[args.cmd](args)
 
 
 if __name__ == "__main__":

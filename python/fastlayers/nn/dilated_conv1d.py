@@ -163,3 +163,13 @@ class TemporalConvNet(nn.Module):
                 h = conv(h, init)
             x = x + self.dropout(h)
         return (x, new_states) if return_states else x
+
+
+def examples(device):
+    """Tiny module examples for the generic composability tests: [(label, module, args)]."""
+    x = torch.randn(2, 6, 21, device=device)
+    return [
+        ("DilatedConv1d", DilatedConv1d(6, 3, dilation=2, activation="silu").to(device), (x,)),
+        ("CausalConv1d", CausalConv1d(6, 6, 4, groups=6, padding=3).to(device), (x,)),
+        ("TemporalConvNet", TemporalConvNet(6, num_layers=2).to(device), (x,)),
+    ]

@@ -82,3 +82,18 @@ def as_layout_1d(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     if channels_last:
         return t if is_channels_last_1d(t) else t.transpose(1, 2).contiguous().transpose(1, 2)
     return t.contiguous()
+
+
+def autocast_inputs(policy: str, *tensors):
+    """Cast inputs as the native layer an op replaces is cast under torch.autocast (a no-op outside autocast).
+
+    policy "lower": to the autocast dtype (convolutions, matmuls, attention); "fp32": to float32 (norms,
+    reductions). Only fp16/bf16/fp32 tensors are cast (float64 and integer tensors are left alone, as autocast
+    does). Returns the tensors; callers run their PyTorch path with autocast disabled so the reference keeps
+    its fp32 math.
+    """
+    ref = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if ref is None or not torch.is_autocast_enabled(ref.device.type):
+        return tensors
+    dt = torch.get_autocast_dtype(ref.device.type) if policy == "lower" else torch.float32
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.dtype in KERNEL_DTYPES else t for t in tensors)

@@ -167,6 +167,8 @@ def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dil
     Gradients flow to x, weight, bias and initial_state (and from the final state).
     """
     _validate(x, weight, bias, dilation, causal, activation, initial_state, return_final_state)
+    # under torch.autocast a conv runs in the autocast dtype, as nn.Conv1d does
+    x, weight, bias, initial_state = C.autocast_inputs("lower", x, weight, bias, initial_state)
     channels_last = C.is_channels_last_1d(x)
     x = C.as_layout_1d(x, channels_last)
     weight = weight.contiguous()
@@ -176,7 +178,8 @@ def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dil
                          cuda_ok="channels-last input" if channels_last else True)
     act = "silu" if activation in ("silu", "swish") else None
     if be == "reference":  # plain PyTorch: autograd, torch.compile and CPU need nothing more
-        return _ref.dilated_conv1d(x, weight, bias, dilation, causal, act, initial_state, return_final_state)
+        with torch.autocast(x.device.type, enabled=False):
+            return _ref.dilated_conv1d(x, weight, bias, dilation, causal, act, initial_state, return_final_state)
     y, final = _dilated_conv1d(x, weight, bias, initial_state, dilation, causal, act is not None,
                                return_final_state, be)
     return (y, final) if return_final_state else y

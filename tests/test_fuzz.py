@@ -1,0 +1,105 @@
+"""Property-based fuzzing with hypothesis: random valid shapes, layouts, dtypes and arguments — the Triton kernel
+(interpreted on CPU) against the reference, gradients included; random invalid arguments must raise
+ValueError/TypeError with a message, never crash or return a wrong shape.
+
+Bounded for CI: FASTLAYERS_FUZZ_EXAMPLES (default 12) examples per property; set it higher for a long run.
+Each registered op must have a strategy here (test_every_op_is_fuzzed)."""
+import functools
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastlayers
+from fastlayers import reference as R
+from fastlayers import registry
+from fastlayers.testing import assert_results, compare
+
+from .conftest import KERNEL_DTYPES, ON_GPU
+
+DEV = torch.device("cuda" if ON_GPU else "cpu")
+FUZZ = settings(max_examples=int(os.environ.get("FASTLAYERS_FUZZ_EXAMPLES", "12")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], derandomize=True)
+
+
+def _t(shape, dtype, seed, grad=True, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(device=DEV, dtype=dtype).requires_grad_(grad)
+
+
+# ------------------------------------------------------------------------------------------- dilated_conv1d
+
+@st.composite
+def _dilated_conv1d_args(draw):
+    B, C, L = draw(st.integers(1, 3)), draw(st.integers(1, 20)), draw(st.integers(1, 80))
+    K, d = draw(st.integers(1, 8)), draw(st.integers(1, 9))
+    causal, cl = draw(st.booleans()), draw(st.booleans())
+    dtype = draw(st.sampled_from(KERNEL_DTYPES))
+    seed = draw(st.integers(0, 2**16))
+    x = _t((B, L, C), dtype, seed).detach().transpose(1, 2).requires_grad_() if cl else _t((B, C, L), dtype, seed)
+    inputs = {"x": x, "weight": _t((C, K), dtype, seed + 1, scale=K ** -0.5)}
+    if draw(st.booleans()):
+        inputs["bias"] = _t((C,), dtype, seed + 2)
+    kw = {"dilation": d, "causal": causal, "activation": draw(st.sampled_from([None, "silu"]))}
+    if causal and draw(st.booleans()):
+        inputs["initial_state"] = _t((B, C, (K - 1) * d), dtype, seed + 3)
+        kw["return_final_state"] = True
+    return inputs, kw
+
+
+@FUZZ
+@given(_dilated_conv1d_args())
+def test_fuzz_dilated_conv1d(args):
+    inputs, kw = args
+    res = compare(functools.partial(fastlayers.dilated_conv1d, backend="triton"), R.dilated_conv1d, inputs, kw)
+    assert_results(res, f"{ {k: tuple(v.shape) for k, v in inputs.items()} } {kw}")
+
+
+@st.composite
+def _dilated_conv1d_bad(draw):
+    """One argument made invalid at random: (x, weight, kwargs)."""
+    B, C, L, K = 2, 4, 9, 3
+    x, w = torch.randn(B, C, L), torch.randn(C, K)
+    kw = {}
+    which = draw(st.sampled_from(["x_rank", "w_rank", "w_channels", "K", "dilation", "dtype", "bias", "state",
+                                  "activation", "causal"]))
+    if which == "x_rank":
+        x = torch.randn([2] * draw(st.sampled_from([0, 1, 2, 4])))
+    elif which == "w_rank":
+        w = torch.randn(C, 1, K, 1)
+    elif which == "w_channels":
+        w = torch.randn(draw(st.integers(1, 9).filter(lambda c: c != C)), K)
+    elif which == "K":
+        w = torch.randn(C, draw(st.sampled_from([0, 33, 40])))
+    elif which == "dilation":
+        kw["dilation"] = draw(st.sampled_from([0, -1, 1.5, True, "2"]))
+    elif which == "dtype":
+        x = x.to(draw(st.sampled_from([torch.int32, torch.bool, torch.complex64])))
+    elif which == "bias":
+        kw["bias"] = torch.randn(draw(st.sampled_from([(C + 1,), (C, 1), ()])))
+    elif which == "state":
+        kw["initial_state"] = torch.randn(B, C, draw(st.integers(0, 9).filter(lambda s: s != 2)))
+    elif which == "activation":
+        kw["activation"] = draw(st.sampled_from(["relu", "SILU", 1]))
+    else:
+        kw["causal"] = draw(st.sampled_from([1, "yes", None]))
+    return x, w, kw
+
+
+@FUZZ
+@given(_dilated_conv1d_bad())
+def test_fuzz_dilated_conv1d_invalid(args):
+    x, w, kw = args
+    with pytest.raises((ValueError, TypeError)) as e:
+        fastlayers.dilated_conv1d(x, w, **kw, backend="triton")
+    assert "dilated_conv1d" in str(e.value)
+
+
+FUZZED = {"dilated_conv1d"}
+
+
+def test_every_op_is_fuzzed():
+    missing = {op.name for op in registry.get()} - FUZZED
+    assert not missing, f"add hypothesis strategies for {sorted(missing)} in tests/test_fuzz.py"
