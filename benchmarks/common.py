@@ -70,10 +70,11 @@ def _timer(device: torch.device):
             return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
         return t
 
-    def t(fn, reps: int = 5):
-        fn()
-        samples = []
-        for _ in range(reps):
+    def t(fn, warmup: int = 3, min_reps: int = 10, min_s: float = 0.3):
+        for _ in range(warmup):  # first calls pay for allocator, thread-pool and kernel-selection set-up
+            fn()
+        samples, start = [], time.perf_counter()
+        while len(samples) < min_reps or time.perf_counter() - start < min_s:
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
@@ -158,15 +159,23 @@ def run_case(case: Case, device: torch.device, modes: Sequence[str] | None = Non
     return rows
 
 
+def _is_subject(impl: str, grp: list[dict]) -> bool:
+    """The implementations whose speed is reported against the others: fastlayers' (or, in a CPU run that has
+    no fastlayers kernel, torch.compile of the reference against the eager reference)."""
+    if any(r["impl"].startswith("fastlayers") for r in grp):
+        return impl.startswith("fastlayers")
+    return impl.endswith("+compile")
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """For each (case, mode): speedup of every fastlayers impl over each baseline and over the best baseline."""
+    """For each (case, mode): speedup of every subject impl over each baseline and over the best baseline."""
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["op"], r["case"], r["dtype"], r["mode"]), []).append(r)
     for grp in groups.values():
-        base = {r["impl"]: r["ms"] for r in grp if not r["impl"].startswith("fastlayers") and r.get("ms")}
+        base = {r["impl"]: r["ms"] for r in grp if not _is_subject(r["impl"], grp) and r.get("ms")}
         for r in grp:
-            if r["impl"].startswith("fastlayers") and r.get("ms"):
+            if _is_subject(r["impl"], grp) and r.get("ms"):
                 r["speedup"] = {b: ms / r["ms"] for b, ms in base.items()}
                 if base:
                     best = min(base, key=base.get)
@@ -178,11 +187,11 @@ def render_markdown(rows: list[dict], env: dict | None = None) -> str:
     env = env or {}
     head = (f"GPU: {env.get('gpu') or 'none (CPU)'} · torch {env.get('torch')} · triton {env.get('triton')} · "
             f"CUDA {env.get('cuda')} · {env.get('date')} · commit {env.get('commit')}\n\n")
-    lines = ["| op | case | dtype | mode | impl | ms | throughput | speedup of fastlayers (baseline ms / fastlayers ms) | peak MB |",
+    lines = ["| op | case | dtype | mode | impl | ms | throughput | speedup (baseline ms / this ms) | peak MB |",
              "|---|---|---|---|---|---:|---:|---|---:|"]
     for r in rows:
-        thr = (f"{r['TFLOP/s']:.1f} TFLOP/s" if r.get("TFLOP/s") is not None else
-               f"{r['GB/s']:.0f} GB/s" if r.get("GB/s") is not None else "")
+        thr = (f"{r['TFLOP/s']:.3g} TFLOP/s" if r.get("TFLOP/s") is not None else
+               f"{r['GB/s']:.4g} GB/s" if r.get("GB/s") is not None else "")
         sp = ", ".join(f"{b}: {v:.2f}×" for b, v in (r.get("speedup") or {}).items())
         ms = f"{r['ms']:.4f}" if r.get("ms") else f"error: {r.get('error', '')[:60]}"
         peak = f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else ""
@@ -207,7 +216,7 @@ def write_results(rows: list[dict], env: dict, out_dir: str, tag: str) -> dict:
     with open(paths["md"], "w") as f:
         f.write(render_markdown(rows, env))
     try:
-        plot_speedups(rows, paths["png"], title=f"fastlayers speedup over the best baseline — {env.get('gpu') or 'CPU'}")
+        plot_speedups(rows, paths["png"], title=f"speedup over the best baseline — {env.get('gpu') or 'CPU'}")
     except Exception as e:  # matplotlib missing: the table and JSON still stand
         paths["png"] = f"not written ({type(e).__name__}: {e})"
     return paths
@@ -219,11 +228,11 @@ def plot_speedups(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     pts = [r for r in rows if r.get("speedup_vs_best") and r["impl"] == "fastlayers"]
-    if not pts:
+    if not pts:  # no auto-backend rows (e.g. a CPU run): plot every subject
         pts = [r for r in rows if r.get("speedup_vs_best")]
     if not pts:
         return
-    labels = [f"{r['case']}\n{r['mode']} vs {r['best_baseline']}" for r in pts]
+    labels = [f"{r['impl']}: {r['case']}\n{r['mode']} vs {r['best_baseline']}" for r in pts]
     vals = [r["speedup_vs_best"] for r in pts]
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(pts) + 1.5))
     colors = ["tab:green" if v >= 1 else "tab:red" for v in vals]
@@ -231,7 +240,7 @@ def plot_speedups(rows: list[dict], path: str, title: str) -> None:
     ax.axvline(1.0, color="black", lw=1)
     ax.set_yticks(range(len(vals)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("speedup (best baseline time / fastlayers time); > 1 is faster")
+    ax.set_xlabel("speedup (best baseline time / this time); > 1 is faster")
     ax.set_title(title, fontsize=9)
     for i, v in enumerate(vals):
         ax.text(v, i, f" {v:.2f}×", va="center", fontsize=7)

@@ -164,6 +164,7 @@ at::Tensor dilated_conv1d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight
   if (x.numel() == 0) return out;
   const Conv1dArgs a = make_args(x, weight, dilation, pad);
   const bool has_init = init.has_value() && a.S > 0;
+  FL_CHECK((a.L + kTile - 1) / kTile <= 65535, "L too long for the CUDA kernel's grid (use backend='triton')");
   const dim3 grid(static_cast<unsigned>(x.size(0) * x.size(1)), static_cast<unsigned>((a.L + kTile - 1) / kTile));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dilated_conv1d_fwd_cuda", [&] {
@@ -189,6 +190,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dilated_conv1d_bwd_cu
   const int64_t B = x.size(0), C = x.size(1);
   auto dx = at::empty_like(x);
   auto dinit = has_init ? at::empty_like(*init) : at::empty({0}, x.options());
+  FL_CHECK((a.L + kTile - 1) / kTile + (a.S + kTile - 1) / kTile <= 65535,
+           "L too long for the CUDA kernel's grid (use backend='triton')");
   const int n_tiles = static_cast<int>((a.L + kTile - 1) / kTile);
   const int n_init = has_init ? static_cast<int>((a.S + kTile - 1) / kTile) : 0;
   auto fopts = x.options().dtype(at::kFloat);

@@ -148,9 +148,8 @@ def cmd_bench(args) -> int:
     rows = []
     for case in tqdm(all_cases, desc="benchmark cases", unit="case"):
         rows += bc.run_case(case, dev, args.modes, env)
-    out_dir = args.out if on_gpu else os.path.join(args.out, "cpu")
     tag = "bench" if not args.ops else "bench-" + "-".join(args.ops)
-    paths = bc.write_results(rows, env, out_dir, tag)
+    paths = bc.write_results(rows, env, args.out, tag)  # under <out>/<gpu name>/, or <out>/cpu/
     print(bc.render_markdown(rows, env))
     print("results: " + ", ".join(f"{k}: {v}" for k, v in paths.items()))
     return 0
