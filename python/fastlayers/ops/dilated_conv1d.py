@@ -174,8 +174,11 @@ def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dil
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     initial_state = initial_state.contiguous() if initial_state is not None else None
+    S = (weight.shape[1] - 1) * dilation
+    cuda_ok = ("channels-last input" if channels_last else
+               "L too long for its grid" if -(-x.shape[2] // 1024) + -(-S // 1024) > 65535 else True)
     be = _backend.choose(OP, x.device, backend=backend, dtype=x.dtype, cuda_op="dilated_conv1d_fwd_cuda",
-                         cuda_ok="channels-last input" if channels_last else True)
+                         cuda_ok=cuda_ok)
     act = "silu" if activation in ("silu", "swish") else None
     if be == "reference":  # plain PyTorch: autograd, torch.compile and CPU need nothing more
         with torch.autocast(x.device.type, enabled=False):
