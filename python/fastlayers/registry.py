@@ -35,6 +35,9 @@ OPS: dict[str, OpInfo] = {
         "dilated_conv1d", kernels="dilated_conv1d",
         cuda_ops=("dilated_conv1d_fwd_cuda", "dilated_conv1d_bwd_cuda"), bench="bench_dilated_conv1d",
         notes="CUDA kernel: channels-first only (channels-last runs on Triton)"),
+    "depthwise_conv2d": OpInfo(
+        "depthwise_conv2d", kernels="depthwise_conv2d", bench="bench_depthwise_conv2d",
+        notes="kernels 1..31 (odd/even, non-square), dilation, stride; channels-first or channels-last"),
 }
 
 
