@@ -110,7 +110,7 @@ def resolve_padding(padding, kernel_size, dilation, stride) -> tuple[int, int, i
             return (0, 0, 0, 0)
         if stride != (1, 1):
             raise ValueError(f"{OP}: padding='same' is not supported for strided convolutions (as in F.conv2d), "
-                             f"got stride={stride}")
+                             f"got stride={stride}; pass an int or (ph, pw) padding")
         out = []
         for k, d in zip(kernel_size, dilation):  # torch puts an odd remainder at the bottom/right
             total = d * (k - 1)
