@@ -16,6 +16,9 @@ dweight: P_i = slab_i^T @ dy summed over many row tiles, then its diagonals are 
 Layouts: channels-first (stride_w == 1, BC = 1, long M) or channels-last (stride_c == 1, BC = 8: loads are
 contiguous over channels; the product is a batched 3-D tl.dot). fp16/bf16 operands go to the tensor cores with
 fp32 accumulation (products of 16-bit values are exact in fp32); fp32 uses input_precision="ieee".
+Offsets are int32 (64-bit pointer math per element doubled the registers): the launchers split the batch so no
+launch spans 2**31 elements. A non-finite input meets the band's zeros (NaN * 0), so it turns the whole output
+row tile into NaN, not only the outputs whose kernel window covers it.
 """
 from __future__ import annotations
 
@@ -72,8 +75,6 @@ def _slab(in_ptr, offs_c, mask_c, b, r, row_ok, i, u, col0, U_total, Hi, Wi, sh,
     # int32 offsets: the launcher splits the batch so that no launch spans 2**31 elements
     ptr = in_ptr + (offs_c[:, None, None] * sic + (b * sib + hin * sih)[None, :, None] + (col * siw)[None, None, :])
     return tl.load(ptr, mask=mask_c[:, None, None] & ok[None, :, None] & okc[None, None, :], other=0.0)
-
-
 
 
 @triton.jit
