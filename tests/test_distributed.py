@@ -18,11 +18,14 @@ STEPS, WORLD, TIMEOUT_S = 3, 2, 300
 
 def _examples():
     """[(label, fresh module, args, target)] from the registry's module examples (batch 2: one sample per rank).
-    Modules whose outputs mix samples (BatchNorm in training) would not split; the examples avoid them."""
+    BatchNorm in training mixes samples (equal results across ranks would need SyncBatchNorm), so modules
+    holding one run in eval mode here."""
     out = []
     for op in registry.get():
         torch.manual_seed(0)
         for label, module, args in op.module_examples(torch.device("cpu")):
+            if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+                module.eval()
             with torch.no_grad(), fastlayers.use_backend("triton"):
                 res = module(*args)
             res = res[0] if isinstance(res, tuple) else res

@@ -103,3 +103,71 @@ FUZZED = {"dilated_conv1d"}
 def test_every_op_is_fuzzed():
     missing = {op.name for op in registry.get()} - FUZZED
     assert not missing, f"add hypothesis strategies for {sorted(missing)} in tests/test_fuzz.py"
+
+
+# ----------------------------------------------------------------------------------------- depthwise_conv2d
+
+@st.composite
+def _depthwise_conv2d_args(draw):
+    B, C = draw(st.integers(1, 2)), draw(st.integers(1, 12))
+    kh, kw = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    dh, dw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = draw(st.sampled_from([1, 2]))
+    padding = "same" if stride == 1 and draw(st.booleans()) else draw(st.integers(0, 4))
+    pad = 0 if padding == "same" else padding
+    lo_h, lo_w = max(1, dh * (kh - 1) + 1 - 2 * pad), max(1, dw * (kw - 1) + 1 - 2 * pad)
+    H, W = draw(st.integers(lo_h, lo_h + 12)), draw(st.integers(lo_w, lo_w + 12))
+    dtype = draw(st.sampled_from(KERNEL_DTYPES))
+    seed = draw(st.integers(0, 2**16))
+    x = _t((B, C, H, W), dtype, seed)
+    if draw(st.booleans()):
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    inputs = {"x": x, "weight": _t((C, 1, kh, kw), dtype, seed + 1, scale=(kh * kw) ** -0.5)}
+    if draw(st.booleans()):
+        inputs["bias"] = _t((C,), dtype, seed + 2)
+    return inputs, {"padding": padding, "dilation": (dh, dw), "stride": stride}
+
+
+@FUZZ
+@given(_depthwise_conv2d_args())
+def test_fuzz_depthwise_conv2d(args):
+    inputs, kw = args
+    res = compare(functools.partial(fastlayers.depthwise_conv2d, backend="triton"), R.depthwise_conv2d, inputs, kw)
+    assert_results(res, f"{ {k: tuple(v.shape) for k, v in inputs.items()} } {kw}")
+
+
+@st.composite
+def _depthwise_conv2d_bad(draw):
+    x, w = torch.randn(2, 4, 9, 9), torch.randn(4, 1, 3, 3)
+    kw = {}
+    which = draw(st.sampled_from(["x_rank", "w_shape", "K", "stride", "padding", "dilation", "dtype", "bias"]))
+    if which == "x_rank":
+        x = torch.randn([2] * draw(st.sampled_from([0, 1, 3, 5])))
+    elif which == "w_shape":
+        w = torch.randn(draw(st.sampled_from([(4, 2, 3, 3), (5, 1, 3, 3), (4, 3, 3)])))
+    elif which == "K":
+        w = torch.randn(4, 1, draw(st.sampled_from([0, 32, 40])), 3)
+    elif which == "stride":
+        kw["stride"] = draw(st.sampled_from([0, -1, 1.5, (1, 2, 3)]))
+        kw["padding"] = 0
+    elif which == "padding":
+        kw["padding"] = draw(st.sampled_from(["full", -1, (1, 2, 3)]))
+    elif which == "dilation":
+        kw["dilation"] = draw(st.sampled_from([0, True, (1, 0)]))
+    elif which == "dtype":
+        x = x.to(draw(st.sampled_from([torch.int32, torch.bool])))
+    else:
+        kw["bias"] = torch.randn(draw(st.sampled_from([(5,), (4, 1)])))
+    return x, w, kw
+
+
+@FUZZ
+@given(_depthwise_conv2d_bad())
+def test_fuzz_depthwise_conv2d_invalid(args):
+    x, w, kw = args
+    with pytest.raises((ValueError, TypeError)) as e:
+        fastlayers.depthwise_conv2d(x, w, **kw, backend="triton")
+    assert "depthwise_conv2d" in str(e.value)
+
+
+FUZZED.add("depthwise_conv2d")

@@ -40,8 +40,11 @@ def test_backward_bit_reproducible_and_inputs_untouched(op, i, label):
         assert torch.equal(case.inputs[k].detach(), v), f"{label}: input `{k}` was modified"
 
 
+FP32_CASES = [next(c for c in CASES if c[0] == op.name and "float32" in c[2]) for op in registry.get()]
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-@pytest.mark.parametrize("op, i, label", CASES[:1] + [c for c in CASES[1:] if "float32" in c[2]][:1], ids=str)
+@pytest.mark.parametrize("op, i, label", FP32_CASES, ids=[f"{c[0]}-{c[2]}" for c in FP32_CASES])
 def test_nonfinite_propagates_like_reference(op, i, label, value):
     case = _case(op, i)
     inputs = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in case.inputs.items()}
@@ -50,9 +53,15 @@ def test_nonfinite_propagates_like_reference(op, i, label, value):
     with torch.no_grad():
         got = _flat(case.fn(**inputs, **case.kwargs))
         ref = _flat(case.ref(**inputs, **case.kwargs))
+    mode = registry.OPS[op].nonfinite
     for g, r in zip(got, ref):
-        assert torch.equal(torch.isnan(g), torch.isnan(r)), f"{label}: NaN pattern differs from the reference"
-        assert torch.equal(torch.isinf(g), torch.isinf(r)), f"{label}: Inf pattern differs from the reference"
+        if mode == "exact":
+            assert torch.equal(torch.isnan(g), torch.isnan(r)), f"{label}: NaN pattern differs from the reference"
+            assert torch.equal(torch.isinf(g), torch.isinf(r)), f"{label}: Inf pattern differs from the reference"
+        else:  # documented in the registry: non-finite values may spread further, never vanish
+            assert not (~torch.isfinite(r) & torch.isfinite(g)).any(), f"{label}: a non-finite output became finite"
+        fin = torch.isfinite(g) & torch.isfinite(r)
+        torch.testing.assert_close(g[fin], r[fin], rtol=1e-4, atol=1e-4)
 
 
 def test_use_deterministic_switch():

@@ -30,6 +30,9 @@ class OpInfo:
     modules: str | None = None         # module under fastlayers.nn with examples(device)
     support: tuple = ()                # Support rows
     autocast: str = "lower"            # how inputs are cast under torch.autocast: "lower" | "fp32"
+    # "exact": NaN/Inf outputs are exactly the reference's; "superset": every output the reference makes
+    # non-finite is non-finite, and a non-finite input may spread further (the reason is in `notes`)
+    nonfinite: str = "exact"
     notes: str = ""
 
     def ops_module(self):
@@ -62,6 +65,16 @@ OPS: dict[str, OpInfo] = {
                     notes="CPU path; autograd; plain PyTorch ops, so it runs on a GPU as is"),
         ),
         notes="CUDA kernel: channels-first only (channels-last runs on Triton)"),
+    "depthwise_conv2d": OpInfo(
+        "depthwise_conv2d", kernels="depthwise_conv2d", bench="bench_depthwise_conv2d", modules="depthwise_conv2d",
+        support=(
+            Support("triton", notes="kernels 1..31 (odd/even, non-square), dilation, stride 1/2, padding "
+                                    "same/valid/int/pair; channels-first and channels-last; dweight deterministic"),
+            Support("reference", ALL_DTYPES + ("fp64",), gpu_verified=True, notes="F.conv2d(groups=C); CPU path"),
+        ),
+        nonfinite="superset",
+        notes="a NaN/Inf input turns its whole output row tile (up to 32 columns) non-finite: the kernel multiplies "
+              "input rows by a banded matrix of taps, and NaN x 0 = NaN"),
 }
 
 

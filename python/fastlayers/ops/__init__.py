@@ -1,4 +1,5 @@
 """Public functional API: one function per op (validate -> custom op -> backend)."""
+from .depthwise_conv2d import depthwise_conv2d
 from .dilated_conv1d import dilated_conv1d, dilated_conv1d_step
 
-__all__ = ["dilated_conv1d", "dilated_conv1d_step"]
+__all__ = ["depthwise_conv2d", "dilated_conv1d", "dilated_conv1d_step"]
