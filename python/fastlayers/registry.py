@@ -35,6 +35,9 @@ OPS: dict[str, OpInfo] = {
         "dilated_conv1d", kernels="dilated_conv1d",
         cuda_ops=("dilated_conv1d_fwd_cuda", "dilated_conv1d_bwd_cuda"), bench="bench_dilated_conv1d",
         notes="CUDA kernel: channels-first only (channels-last runs on Triton)"),
+    "halo_attention": OpInfo(
+        "halo_attention", kernels="halo_attention", bench="bench_halo_attention",
+        notes="Triton only; window side b+2h <= 32, head dims <= 128 (else the reference)"),
 }
 
 

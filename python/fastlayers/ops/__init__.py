@@ -1,4 +1,5 @@
 """Public functional API: one function per op (validate -> custom op -> backend)."""
 from .dilated_conv1d import dilated_conv1d, dilated_conv1d_step
+from .halo_attention import halo_attention
 
-__all__ = ["dilated_conv1d", "dilated_conv1d_step"]
+__all__ = ["dilated_conv1d", "dilated_conv1d_step", "halo_attention"]
