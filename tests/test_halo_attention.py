@@ -107,7 +107,8 @@ def test_gradcheck_reference_fp64():
 def test_triton_matches_reference(shape, dtype, device):
     B, H, Dqk, Dv, Hf, Wf, b, h, s, mask, spe = shape
     inputs = _inputs(B, H, Dqk, Dv, Hf, Wf, b, h, s, dtype, device)
-    check(functools.partial(_call, backend="triton"), _ref, inputs, _kw(b, h, s, mask, spe), ("out",), IDS[SHAPES.index(shape)])
+    check(functools.partial(_call, backend="triton"), _ref, inputs, _kw(b, h, s, mask, spe), ("out",),
+          IDS[SHAPES.index(shape)])
 
 
 @pytest.mark.parametrize("mask", [False, True], ids=["zeros", "masked"])
