@@ -221,8 +221,10 @@ def test_opcheck(device):
     hr, wr = inputs["height_rel"], inputs["width_rel"]
     op = torch.ops.fastlayers.halo_attention.default
     torch.library.opcheck(op, (inputs["q"], inputs["k"], inputs["v"], hr, wr, 4, 2, 1, 0.5, 1.0, False, "triton"))
-    q2 = torch.randn(1, 1, 5, 2, 4, device=device, requires_grad=True)
-    torch.library.opcheck(op, (q2, inputs["k"], inputs["v"], None, None, 4, 1, 2, 0.3, 0.3, True, "triton"))
+    # channels-last views (D innermost), k and v halves of one tensor, stride-2 queries, no rel_pos
+    q2 = torch.randn(1, 2, 4, 5, device=device).permute(0, 3, 1, 2).unflatten(1, (1, 5)).requires_grad_()
+    kv = torch.randn(1, 4, 8, 12, device=device).permute(0, 3, 1, 2).unflatten(1, (1, 12)).requires_grad_()
+    torch.library.opcheck(op, (q2, kv[:, :, :5], kv[:, :, 5:], None, None, 4, 1, 2, 0.3, 0.3, True, "triton"))
 
 
 def test_torch_compile_fullgraph(device):
