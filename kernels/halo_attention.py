@@ -11,7 +11,7 @@ row: win keys x D channels. Channels-last reads each key's D channels as one con
 for win=14 in bf16), which costs up to two sectors per run. Triton specialises a stride equal to 1, so the
 contiguous axis is known at compile time either way. Outputs follow their input's layout.
 
-Programs: forward and dq: one per (batch*head, query block [, tile of 64 queries]) looping over the win window
+Programs: forward and dq: one per (batch*head, query block [, tile of <= 64 queries]) looping over the win window
 rows with an fp32 online softmax. dk/dv: one per (batch*head, rows of one key block), gathering from the
 query blocks whose windows cover it (no atomics: deterministic). Relative-position logits are built in-kernel:
 q @ rel^T against the 2*win-1 table rows, then shifted per query into window coordinates.
