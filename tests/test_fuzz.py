@@ -171,3 +171,82 @@ def test_fuzz_depthwise_conv2d_invalid(args):
 
 
 FUZZED.add("depthwise_conv2d")
+
+
+# ------------------------------------------------------------------------------------------- halo_attention
+
+@st.composite
+def _halo_attention_args(draw):
+    B, H = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    stride = draw(st.sampled_from([1, 2]))
+    b = draw(st.sampled_from([4, 6, 8] if stride == 2 else [2, 3, 4, 5, 8]))
+    h = draw(st.integers(1, 3))
+    Hf, Wf = b * draw(st.integers(1, 3)), b * draw(st.integers(1, 3))
+    Dqk, Dv = draw(st.integers(3, 20)), draw(st.integers(3, 20))
+    dtype = draw(st.sampled_from(KERNEL_DTYPES))
+    seed = draw(st.integers(0, 2**16))
+    inputs = {"q": _t((B, H, Dqk, Hf // stride, Wf // stride), dtype, seed), "k": _t((B, H, Dqk, Hf, Wf), dtype, seed + 1),
+              "v": _t((B, H, Dv, Hf, Wf), dtype, seed + 2)}
+    kw = {"block_size": b, "halo_size": h, "query_stride": stride, "mask_padding": draw(st.booleans())}
+    if draw(st.booleans()):
+        n = 2 * (b + 2 * h) - 1
+        kw["rel_pos"] = (_t((n, Dqk), dtype, seed + 3, scale=0.3), _t((n, Dqk), dtype, seed + 4, scale=0.3))
+        kw["scale_pos_embed"] = draw(st.booleans())
+    return inputs, kw
+
+
+@FUZZ
+@given(_halo_attention_args())
+def test_fuzz_halo_attention(args):
+    inputs, kw = args
+    rel = kw.pop("rel_pos", None)
+    if rel is not None:  # rel_pos is a pair argument: expose its tables to the comparison as inputs
+        inputs = dict(inputs, height_rel=rel[0], width_rel=rel[1])
+
+    def run(fn, q, k, v, height_rel=None, width_rel=None, **kw):
+        return fn(q, k, v, rel_pos=None if height_rel is None else (height_rel, width_rel), **kw)
+    res = compare(functools.partial(run, functools.partial(fastlayers.halo_attention, backend="triton")),
+                  functools.partial(run, R.halo_attention), inputs, kw)
+    assert_results(res, f"{ {k: tuple(v.shape) for k, v in inputs.items()} } {kw}")
+
+
+@st.composite
+def _halo_attention_bad(draw):
+    q, k, v = torch.randn(1, 2, 4, 8, 8), torch.randn(1, 2, 4, 8, 8), torch.randn(1, 2, 5, 8, 8)
+    kw = {"block_size": 4, "halo_size": 1}
+    which = draw(st.sampled_from(["rank", "k_shape", "v_shape", "block", "multiple", "stride", "halo", "rel",
+                                  "dtype", "scale"]))
+    if which == "rank":
+        q = torch.randn(1, 2, 4, 8)
+    elif which == "k_shape":
+        k = torch.randn(1, 2, 3, 8, 8)
+    elif which == "v_shape":
+        v = torch.randn(1, 2, 5, 4, 8)
+    elif which == "block":
+        kw["block_size"] = draw(st.sampled_from([0, -2, 2.0, True]))
+    elif which == "multiple":
+        kw["block_size"] = 3
+    elif which == "stride":
+        kw["query_stride"] = draw(st.sampled_from([0, 3, "2"]))
+    elif which == "halo":
+        kw["halo_size"] = draw(st.sampled_from([-1, 1.5]))
+    elif which == "rel":
+        kw["rel_pos"] = draw(st.sampled_from([(torch.randn(11, 4),), (torch.randn(10, 4), torch.randn(11, 4)),
+                                              torch.randn(11, 4)]))
+    elif which == "dtype":
+        k = k.half()
+    else:
+        kw["scale"] = "0.5"
+    return q, k, v, kw
+
+
+@FUZZ
+@given(_halo_attention_bad())
+def test_fuzz_halo_attention_invalid(args):
+    q, k, v, kw = args
+    with pytest.raises((ValueError, TypeError)) as e:
+        fastlayers.halo_attention(q, k, v, **kw, backend="triton")
+    assert "halo_attention" in str(e.value)
+
+
+FUZZED.add("halo_attention")

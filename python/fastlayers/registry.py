@@ -75,6 +75,15 @@ OPS: dict[str, OpInfo] = {
         nonfinite="superset",
         notes="a NaN/Inf input turns its whole output row tile (up to 32 columns) non-finite: the kernel multiplies "
               "input rows by a banded matrix of taps, and NaN x 0 = NaN"),
+    "halo_attention": OpInfo(
+        "halo_attention", kernels="halo_attention", bench="bench_halo_attention", modules="halo_attention",
+        support=(
+            Support("triton", notes="any strides (NCHW or NHWC conv outputs read in place); window b+2h ≤ 32, head "
+                                    "dims ≤ 128, query stride 1 or 2; backward deterministic"),
+            Support("reference", ALL_DTYPES + ("fp64",), gpu_verified=True,
+                    notes="CPU path; cases beyond the Triton limits"),
+        ),
+        notes="Triton only; window side b+2h <= 32, head dims <= 128 (else the reference)"),
 }
 
 

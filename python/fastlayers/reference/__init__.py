@@ -1,5 +1,6 @@
 """Pure-PyTorch references (fp32 math): the test oracle, the benchmark baseline and the CPU fallback."""
 from .depthwise_conv2d import depthwise_conv2d
 from .dilated_conv1d import dilated_conv1d, dilated_conv1d_step
+from .halo_attention import halo_attention
 
-__all__ = ["depthwise_conv2d", "dilated_conv1d", "dilated_conv1d_step"]
+__all__ = ["depthwise_conv2d", "dilated_conv1d", "dilated_conv1d_step", "halo_attention"]
