@@ -35,6 +35,9 @@ OPS: dict[str, OpInfo] = {
         "dilated_conv1d", kernels="dilated_conv1d",
         cuda_ops=("dilated_conv1d_fwd_cuda", "dilated_conv1d_bwd_cuda"), bench="bench_dilated_conv1d",
         notes="CUDA kernel: channels-first only (channels-last runs on Triton)"),
+    "attention": OpInfo(
+        "attention", kernels="attention", bench="bench_attention",
+        notes="Triton only; D <= 256 (fp32: D <= 128); learnable bias / rel-pos table grads deterministic"),
 }
 
 
