@@ -101,9 +101,11 @@ def _attention_fwd_kernel(
     HAS_CHUNK: tl.constexpr, KEY_PADDING: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # one program: BLOCK_N queries of one (b, h); online softmax over key blocks, fp32 statistics
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # one program: BLOCK_N queries of one (b, h); online softmax over key blocks, fp32 statistics.
+    # A 1-D grid, query blocks fastest (a head's K/V stay in L2; B*H may pass the 65535 limit of grid axis 1).
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_n = tl.program_id(0) % n_blocks
+    pid_bh = tl.program_id(0) // n_blocks
     b = pid_bh // H
     h = pid_bh % H
     start_n = pid_n * BLOCK_N
@@ -158,15 +160,16 @@ def _attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Writes delta = rowsum(dO * O) and dQ for BLOCK_N queries of R' (b, h) pairs, one after another.
-    # The pairs: a "slice" pid_s = (sb, sh) of the dS partial buffer ([G, S, N, M], S = slices) and the
+    # Grid: (query blocks x slices, G). The pairs: a "slice" pid_s = (sb, sh) of the dS partial buffer ([G, S, N, M], S = slices) and the
     # pairs r in [pid_g*RPG, (pid_g+1)*RPG) of that slice: b = sb + r // RH, h = sh + r % RH. With DS_OUT the
     # program sums dS over its pairs into its own partial tile (later summed over G on the host, in a fixed
     # order): the bias gradient reduced over the batch (and heads) without atomics. Without DS_OUT every slice
     # is one pair (RPG = R = 1).
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_g = tl.program_id(2)
-    n_slices = tl.num_programs(1)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_n = tl.program_id(0) % n_blocks
+    pid_s = tl.program_id(0) // n_blocks
+    pid_g = tl.program_id(1)
+    n_slices = tl.num_programs(0) // n_blocks
     sb = pid_s // HS
     sh = pid_s % HS
     start_n = pid_n * BLOCK_N
@@ -232,8 +235,9 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # one program: BLOCK_M keys of one (b, h); loops over query blocks with transposed tiles [BLOCK_M, BLOCK_N]
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    n_blocks = tl.cdiv(M, BLOCK_M)
+    pid_m = tl.program_id(0) % n_blocks
+    pid_bh = tl.program_id(0) // n_blocks
     b = pid_bh // H
     h = pid_bh % H
     start_m = pid_m * BLOCK_M
@@ -310,9 +314,9 @@ def _block_d(D: int) -> int:
 # needs small tiles; fp32 with D > 128 is not supported (it spills).
 _CONFIGS = {
     # (BD class, dtype class, heavy): {kernel: (BLOCK_N, BLOCK_M, num_warps, num_stages)}
-    (32, "16", False): {"fwd": (128, 64, 4, 3), "dq": (64, 64, 4, 2), "dkdv": (64, 128, 8, 2)},
-    (32, "16", True): {"fwd": (64, 64, 4, 2), "dq": (16, 64, 4, 1), "dkdv": (32, 64, 4, 1)},
-    (64, "16", False): {"fwd": (128, 64, 4, 3), "dq": (64, 32, 4, 2), "dkdv": (64, 128, 8, 2)},
+    (32, "16", False): {"fwd": (128, 64, 8, 3), "dq": (64, 64, 4, 2), "dkdv": (64, 128, 8, 2)},
+    (32, "16", True): {"fwd": (64, 64, 4, 2), "dq": (32, 32, 4, 1), "dkdv": (32, 64, 4, 1)},
+    (64, "16", False): {"fwd": (128, 64, 8, 3), "dq": (64, 32, 4, 2), "dkdv": (64, 128, 8, 2)},
     (64, "16", True): {"fwd": (64, 64, 4, 2), "dq": (32, 64, 4, 1), "dkdv": (64, 32, 4, 1)},
     (128, "16", False): {"fwd": (128, 64, 8, 3), "dq": (64, 32, 8, 1), "dkdv": (32, 64, 4, 2)},
     (128, "16", True): {"fwd": (64, 64, 8, 2), "dq": (16, 64, 4, 1), "dkdv": (16, 64, 4, 1)},
@@ -416,7 +420,7 @@ def attention_fwd(q, k, v, bias, table, index, gamma, kpm, scale: float, causal:
         return o, lse.fill_(float("inf")) if M == 0 else lse
     x = _extras(q, k, bias, table, index, gamma, kpm)
     cfg = _fit(config("fwd", _block_d(D), q.dtype, _heavy(bias, table, gamma)), N, M)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), B * H)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * B * H,)
     _attention_fwd_kernel[grid](
         q, k, v, o, lse, x["bias"], x["table"], x["index"], x["lg"], x["kpm"],
         *_s3(q), *_s3(k), *_s3(v), *_s3(o), *x["bias_strides"], *x["table_strides"], x["sim"],
@@ -497,7 +501,7 @@ def attention_bwd(do, q, k, v, o, lse, bias, table, index, gamma, kpm, scale: fl
         ds = lse  # never written
     delta = empty((B, H, N), dtype=torch.float32, device=q.device)
     common = (x["bias"], x["table"], x["index"], x["lg"], x["kpm"])
-    _attention_bwd_dq_kernel[(nq, Bb * Hb, G)](
+    _attention_bwd_dq_kernel[(nq * Bb * Hb, G)](
         q, k, v, o, do, lse, delta, dq, ds, *common,
         *_s3(q), *_s3(k), *_s3(v), *_s3(o), *_s3(do), *_s3(dq), *x["bias_strides"], *x["table_strides"], x["sim"],
         H, N, M, D, x["T"], grid_w, chunk, scale * LOG2E, scale,
@@ -505,7 +509,7 @@ def attention_bwd(do, q, k, v, o, lse, bias, table, index, gamma, kpm, scale: fl
         **flags, DS_OUT=ds_out, BLOCK_D=_block_d(D), BLOCK_N=cq["BLOCK_N"], BLOCK_M=cq["BLOCK_M"],
         num_warps=cq["num_warps"], num_stages=cq["num_stages"],
     )
-    _attention_bwd_dkdv_kernel[(triton.cdiv(M, ckv["BLOCK_M"]), B * H)](
+    _attention_bwd_dkdv_kernel[(triton.cdiv(M, ckv["BLOCK_M"]) * B * H,)](
         q, k, v, do, lse, delta, dk, dv, *common,
         *_s3(q), *_s3(k), *_s3(v), *_s3(do), *_s3(dk), *_s3(dv), *x["bias_strides"], *x["table_strides"], x["sim"],
         H, N, M, D, x["T"], grid_w, chunk, scale * LOG2E, scale,

@@ -17,6 +17,16 @@ def _pair(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
 
 
+def _autocast(*ts: Tensor) -> tuple:
+    """Under autocast, q, k, v in the autocast dtype (as SDPA gets them): qk_norm's LayerNorm returns fp32 there
+    while v stays low precision, and the fused op takes one dtype."""
+    dev = ts[0].device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return tuple(t.to(dt) for t in ts)
+    return ts
+
+
 def _mask_to_bias(attn_mask: Tensor, dtype: torch.dtype) -> Tensor:
     """SDPA's attn_mask (bool, True = attend; or additive float) as an additive bias."""
     if attn_mask.dtype == torch.bool:
@@ -67,6 +77,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, H, N, hd] views of qkv: the kernel reads them without a copy
         q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = _autocast(q, k, v)
         if self.training and self.attn_drop.p > 0:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if is_causal else attn_mask,
                                                dropout_p=self.attn_drop.p, is_causal=is_causal, scale=self.scale)
