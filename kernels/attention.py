@@ -13,8 +13,6 @@ four strides (0 on broadcast dims). D is padded to a power of two (>= 16) with m
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -160,8 +158,8 @@ def _attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Writes delta = rowsum(dO * O) and dQ for BLOCK_N queries of R' (b, h) pairs, one after another.
-    # Grid: (query blocks x slices, G). The pairs: a "slice" pid_s = (sb, sh) of the dS partial buffer ([G, S, N, M], S = slices) and the
-    # pairs r in [pid_g*RPG, (pid_g+1)*RPG) of that slice: b = sb + r // RH, h = sh + r % RH. With DS_OUT the
+    # Grid: (query blocks x slices, G). The pairs: a "slice" pid_s = (sb, sh) of the dS partial buffer
+    # ([G, S, N, M], S = slices) and the pairs r in [pid_g*RPG, (pid_g+1)*RPG) of that slice: b = sb + r // RH, h = sh + r % RH. With DS_OUT the
     # program sums dS over its pairs into its own partial tile (later summed over G on the host, in a fixed
     # order): the bias gradient reduced over the batch (and heads) without atomics. Without DS_OUT every slice
     # is one pair (RPG = R = 1).
@@ -540,9 +538,9 @@ def _aot(name, fn, t, flags, cfg, BD, extra=None):
     ptrs.update(lse_ptr="fp32", delta_ptr="fp32", ds_ptr="fp32", lg_ptr="fp32", index_ptr="i32", kpm_ptr="u8")
     sig = signature(fn, ptrs, c, {"qk_scale": "fp32", "scale": "fp32"})
     # as the JIT specialises them for a head dim that is a multiple of 16: aligned pointers and row strides
-    aligned = tuple(a for a in fn.arg_names if a.endswith("_ptr") or (
-        a in ("D", "sbb", "sbh", "sbn", "sim", "sdsn") or a[0] == "s" and a[1:3] in ("qb", "qh", "qn", "kb", "kh", "kn", "vb", "vh", "vn", "ob", "oh", "on", "do", "dq",
-                                   "dk", "dv")))
+    row_strides = ("qb", "qh", "qn", "kb", "kh", "kn", "vb", "vh", "vn", "ob", "oh", "on", "do", "dq", "dk", "dv")
+    aligned = tuple(a for a in fn.arg_names if a.endswith("_ptr") or a in ("D", "sbb", "sbh", "sbn", "sim", "sdsn")
+                    or (a[0] == "s" and a[1:3] in row_strides))
     return AotCase(name, fn, sig, c, {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}, aligned)
 
 

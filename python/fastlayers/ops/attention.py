@@ -140,7 +140,8 @@ def _validate(q, k, v, bias, causal, scale, rel_pos, decay, chunk_size, key_padd
         _check_device(q, "bias", bias)
     if rel_pos is not None:
         if not isinstance(rel_pos, (tuple, list)) or len(rel_pos) != 2:
-            raise TypeError(f"{OP}: `rel_pos` must be a pair (table [T, H], index [N, M]), got {type(rel_pos).__name__}")
+            raise TypeError(f"{OP}: `rel_pos` must be a pair (table [T, H], index [N, M]), "
+                            f"got {type(rel_pos).__name__}")
         table, index = rel_pos
         C.check_tensor(table, "rel_pos table", OP, ndim=2, dtypes=low)
         C.check_tensor(index, "rel_pos index", OP, ndim=2, dtypes=(torch.int32, torch.int64))
@@ -182,8 +183,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, *,
     """softmax(scale * q k^T + biases, masked) v, fused: the [N, M] scores are never materialised.
 
     q: [B, H, N, D]; k, v: [B, H, M, D] (N != M allowed); fp16, bf16, fp32 (fp64 on the reference backend);
-      1 <= D <= 256 on the Triton backend (fp32: D <= 128; D is padded to a power of two). Any strides with a unit stride on D are
-      read as they are (the q/k/v views of a fused qkv projection need no copy).
+      1 <= D <= 256 on the Triton backend (fp32: D <= 128; D is padded to a power of two). Any strides with a
+      unit stride on D are read as they are (the q/k/v views of a fused qkv projection need no copy).
     scale: default D ** -0.5.
     bias: additive, broadcastable to [B, H, N, M] (q's dtype or fp32). When it requires grad, its gradient is
       computed in the fused backward and reduced over the broadcast dims deterministically (no atomics).
