@@ -19,6 +19,14 @@ from typing import Callable, Sequence
 import torch
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+
+# The "bwd" mode replays one forward's graph (retain_graph=True); torch.compile's donated backward buffers forbid
+# that, so the compiled baselines keep their buffers here (a benchmark-only setting).
+try:
+    import torch._functorch.config as _functorch_config
+    _functorch_config.donated_buffer = False
+except (ImportError, AttributeError):  # older torch: no donated buffers
+    pass
 L2_ROTATE_BYTES = 256 << 20  # rotate input sets until this many bytes are touched (H100 L2: 50 MB)
 
 

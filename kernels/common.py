@@ -50,6 +50,7 @@ class AotCase:
     signature: dict          # arg name -> "*fp16" | "i32" | "fp32" | "constexpr" ...
     constexprs: dict         # constexpr name -> value
     options: dict = dataclasses.field(default_factory=dict)  # num_warps, num_stages
+    aligned: tuple = ()      # arg names the JIT would specialise as 16-divisible (pointers, strides): vector loads
 
 
 def signature(fn, pointers: dict, constexprs: dict, scalars: dict | None = None) -> dict:
@@ -88,7 +89,8 @@ def compile_sm90(case: AotCase) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs)
+    attrs = {(list(case.signature).index(a),): [["tt.divisibility", 16]] for a in case.aligned} or None
+    src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(case.options))
     shared = int(compiled.metadata.shared)
     row = {"kernel": case.name, "shared": shared, "num_warps": compiled.metadata.num_warps,

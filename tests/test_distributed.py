@@ -17,15 +17,16 @@ STEPS, WORLD, TIMEOUT_S = 3, 2, 300
 
 
 def _examples():
-    """[(label, fresh module, args, target)] from the registry's module examples (batch 2: one sample per rank).
+    """[(label, fresh module, args, target)] from the registry's module examples (the first argument's batch is
+    split over the ranks).
     BatchNorm in training mixes samples (equal results across ranks would need SyncBatchNorm), so modules
     holding one run in eval mode here."""
     out = []
     for op in registry.get():
         torch.manual_seed(0)
         for label, module, args in op.module_examples(torch.device("cpu")):
-            if next(a for a in args if isinstance(a, torch.Tensor)).shape[0] < WORLD:
-                continue  # one sample per rank needs a batch of at least WORLD
+            if args[0].shape[0] % WORLD:
+                continue  # the batch must split evenly over the ranks
             if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()):
                 module.eval()
             with torch.no_grad(), fastlayers.use_backend("triton"):
@@ -48,7 +49,8 @@ def _train(model, args, target, steps=STEPS):
 
 
 def _shard(t, rank):
-    return t[rank:rank + 1] if isinstance(t, torch.Tensor) else t
+    """This rank's part of the batch (dim 0 cut into WORLD equal parts)."""
+    return t.chunk(WORLD)[rank]
 
 
 def _worker(rank, port, mode, out_dir):
@@ -57,7 +59,7 @@ def _worker(rank, port, mode, out_dir):
     states = {}
     try:
         for label, model, args, target in _examples():
-            args = [_shard(a, rank) for a in args]
+            args = [_shard(args[0], rank), *args[1:]]  # the first argument carries the batch; masks etc. do not
             with fastlayers.use_backend("triton"):
                 if mode == "ddp":
                     _train(torch.nn.parallel.DistributedDataParallel(model), args, _shard(target, rank))

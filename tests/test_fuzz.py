@@ -250,3 +250,94 @@ def test_fuzz_halo_attention_invalid(args):
 
 
 FUZZED.add("halo_attention")
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+@st.composite
+def _attention_args(draw):
+    B, H = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    D = draw(st.sampled_from([8, 16, 24, 40, 64]))
+    dtype = draw(st.sampled_from(KERNEL_DTYPES))
+    seed = draw(st.integers(0, 2**16))
+    structured = draw(st.sampled_from(["none", "bias", "rel_pos", "decay"]))
+    if structured == "decay":
+        gh, gw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+        N = M = gh * gw
+    else:
+        N, M = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    inputs = {"q": _t((B, H, N, D), dtype, seed), "k": _t((B, H, M, D), dtype, seed + 1),
+              "v": _t((B, H, M, D), dtype, seed + 2)}
+    kw = {"causal": draw(st.booleans())}
+    if draw(st.booleans()):
+        kw["chunk_size"] = draw(st.integers(1, 16))
+    if draw(st.booleans()):
+        g = torch.Generator().manual_seed(seed + 3)
+        kw["key_padding_mask"] = (torch.rand(B, M, generator=g) < 0.3).to(DEV)
+    if structured == "bias":
+        shape = (draw(st.sampled_from([1, B])), draw(st.sampled_from([1, H])), draw(st.sampled_from([1, N])), M)
+        inputs["bias"] = _t(shape, dtype, seed + 4)
+    elif structured == "rel_pos":
+        T = draw(st.integers(1, 30))
+        inputs["table"] = _t((T, H), dtype, seed + 5)
+        g = torch.Generator().manual_seed(seed + 6)
+        kw["index"] = torch.randint(0, T, (N, M), generator=g).to(DEV)
+    elif structured == "decay":
+        kw["decay"] = (torch.rand(H, generator=torch.Generator().manual_seed(seed)).to(DEV) * 0.5 + 0.45, (gh, gw))
+    return inputs, kw
+
+
+def _attention_call(fn, q, k, v, bias=None, table=None, index=None, **kw):
+    return fn(q, k, v, bias, rel_pos=None if table is None else (table, index), **kw)
+
+
+@FUZZ
+@given(_attention_args())
+def test_fuzz_attention(args):
+    inputs, kw = args
+    res = compare(functools.partial(_attention_call, functools.partial(fastlayers.attention, backend="triton")),
+                  functools.partial(_attention_call, R.attention), inputs, kw)
+    assert_results(res, f"{ {k: tuple(v.shape) for k, v in inputs.items()} } "
+                        f"{ {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()} }")
+
+
+@st.composite
+def _attention_bad(draw):
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8)
+    kw = {}
+    which = draw(st.sampled_from(["rank", "kv", "D", "bias", "chunk", "kpm", "rel", "decay", "dtype", "scale"]))
+    if which == "rank":
+        q = torch.randn(2, 5, 8)
+    elif which == "kv":
+        v = torch.randn(2, 3, 7, 8)
+    elif which == "D":
+        k, v = torch.randn(2, 3, 6, 9), torch.randn(2, 3, 6, 9)
+    elif which == "bias":
+        kw["bias"] = torch.randn(draw(st.sampled_from([(2, 3, 5, 5), (3, 3, 5, 6), (5,)])))
+    elif which == "chunk":
+        kw["chunk_size"] = draw(st.sampled_from([0, -1, 2.5]))
+    elif which == "kpm":
+        kw["key_padding_mask"] = draw(st.sampled_from([torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 6)]))
+    elif which == "rel":
+        kw["rel_pos"] = draw(st.sampled_from([(torch.randn(4, 3), torch.zeros(5, 5, dtype=torch.long)),
+                                              (torch.randn(4, 2), torch.zeros(5, 6, dtype=torch.long)),
+                                              (torch.randn(4, 3), torch.full((5, 6), 4))]))
+    elif which == "decay":
+        kw["decay"] = (torch.rand(3), (2, 3))  # N=5 is not h*w
+    elif which == "dtype":
+        k = k.double()
+    else:
+        kw["scale"] = "x"
+    return q, k, v, kw
+
+
+@FUZZ
+@given(_attention_bad())
+def test_fuzz_attention_invalid(args):
+    q, k, v, kw = args
+    with pytest.raises((ValueError, TypeError)) as e:
+        fastlayers.attention(q, k, v, **kw, backend="triton")
+    assert "attention" in str(e.value)
+
+
+FUZZED.add("attention")

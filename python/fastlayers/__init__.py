@@ -2,10 +2,10 @@
 from . import nn, ops, reference
 from ._backend import use_backend
 from ._determinism import use_deterministic
-from .ops import depthwise_conv2d, dilated_conv1d, dilated_conv1d_step, halo_attention
+from .ops import attention, depthwise_conv2d, dilated_conv1d, dilated_conv1d_step, halo_attention
 from .patch import AccelerateReport, accelerate
 
 __version__ = "0.1.0"
 
-__all__ = ["AccelerateReport", "__version__", "accelerate", "depthwise_conv2d", "dilated_conv1d",
+__all__ = ["AccelerateReport", "__version__", "accelerate", "attention", "depthwise_conv2d", "dilated_conv1d",
             "dilated_conv1d_step", "halo_attention", "nn", "ops", "reference", "use_backend", "use_deterministic"]

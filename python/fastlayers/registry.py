@@ -54,6 +54,15 @@ class OpInfo:
 
 
 OPS: dict[str, OpInfo] = {
+    "attention": OpInfo(
+        "attention", kernels="attention", bench="bench_attention", modules="attention",
+        support=(
+            Support("triton", notes="any N, M; head dims ≤ 256 (fp32: ≤ 128); broadcast bias, rel-pos table, "
+                                    "RMT decay, causal, chunked, key padding; bias / table gradients deterministic"),
+            Support("reference", ALL_DTYPES + ("fp64",), gpu_verified=True,
+                    notes="CPU path; head dims beyond the Triton limits"),
+        ),
+        notes="Triton only; D <= 256 (fp32: D <= 128); learnable bias / rel-pos table grads deterministic"),
     "dilated_conv1d": OpInfo(
         "dilated_conv1d", kernels="dilated_conv1d",
         cuda_ops=("dilated_conv1d_fwd_cuda", "dilated_conv1d_bwd_cuda"), bench="bench_dilated_conv1d",

@@ -1,6 +1,7 @@
 """Public functional API: one function per op (validate -> custom op -> backend)."""
+from .attention import attention
 from .depthwise_conv2d import depthwise_conv2d
 from .dilated_conv1d import dilated_conv1d, dilated_conv1d_step
 from .halo_attention import halo_attention
 
-__all__ = ["depthwise_conv2d", "dilated_conv1d", "dilated_conv1d_step", "halo_attention"]
+__all__ = ["attention", "depthwise_conv2d", "dilated_conv1d", "dilated_conv1d_step", "halo_attention"]

@@ -1,6 +1,7 @@
 """Pure-PyTorch references (fp32 math): the test oracle, the benchmark baseline and the CPU fallback."""
+from .attention import attention, decay_bias
 from .depthwise_conv2d import depthwise_conv2d
 from .dilated_conv1d import dilated_conv1d, dilated_conv1d_step
 from .halo_attention import halo_attention
 
-__all__ = ["depthwise_conv2d", "dilated_conv1d", "dilated_conv1d_step", "halo_attention"]
+__all__ = ["attention", "decay_bias", "depthwise_conv2d", "dilated_conv1d", "dilated_conv1d_step", "halo_attention"]
