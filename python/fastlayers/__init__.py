@@ -1,10 +1,10 @@
 """fastlayers: Triton and CUDA kernels behind nn.Module wrappers for vision and sequence backbones."""
 from . import nn, ops, reference
 from ._backend import use_backend
-from .ops import dilated_conv1d, dilated_conv1d_step
+from .ops import dilated_conv1d, dilated_conv1d_step, selective_scan, selective_scan_step
 from .patch import AccelerateReport, accelerate
 
 __version__ = "0.1.0"
 
 __all__ = ["accelerate", "AccelerateReport", "dilated_conv1d", "dilated_conv1d_step", "nn", "ops", "reference",
-           "use_backend", "__version__"]
+           "selective_scan", "selective_scan_step", "use_backend", "__version__"]

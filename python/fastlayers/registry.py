@@ -35,6 +35,10 @@ OPS: dict[str, OpInfo] = {
         "dilated_conv1d", kernels="dilated_conv1d",
         cuda_ops=("dilated_conv1d_fwd_cuda", "dilated_conv1d_bwd_cuda"), bench="bench_dilated_conv1d",
         notes="CUDA kernel: channels-first only (channels-last runs on Triton)"),
+    "selective_scan": OpInfo(
+        "selective_scan", kernels="selective_scan",
+        cuda_ops=("selective_scan_fwd_cuda", "selective_scan_bwd_cuda"), bench="bench_selective_scan",
+        notes="Mamba's scan; fp32 state; auto prefers the CUDA kernel when built"),
 }
 
 
