@@ -266,6 +266,8 @@ def _selective_scan_bwd_kernel(
 
 _SEG = 256            # time steps between stored states (the backward recomputes a segment at a time)
 _MAX_SLICES = 64      # partial slices of variable dB/dC per (b, g): bounds their memory to 64x dB's
+_T_MAX = 16           # time steps per sub-chunk (the scan length)
+_TILE = {False: 2048, True: 1024}  # elements of one [KC, NP, T] tile, forward / backward
 
 
 def config(N: int, L: int, H: int = 1 << 20, bwd: bool = False) -> dict:
@@ -274,14 +276,9 @@ def config(N: int, L: int, H: int = 1 << 20, bwd: bool = False) -> dict:
     Sizes were picked with the sm_90 compile check (registers, no spills): the forward holds a 2048-element
     tile; the backward keeps ~10 tiles live, so it holds 1024 elements with 8 warps (16 for N > 128)."""
     NP = max(2, next_pow2(N))
-    if bwd:
-        T = max(4, min(16, next_pow2(L), 512 // NP))
-        KC = max(1, min(16, next_pow2(H), 1024 // (NP * T)))
-        warps = 16 if NP >= 256 else 8
-    else:
-        T = max(4, min(16, next_pow2(L)))
-        KC = max(1, min(16, next_pow2(H), 2048 // (NP * T)))
-        warps = 8 if NP >= 64 else 4
+    T = max(4, min(_T_MAX, _SEG, next_pow2(L), 512 // NP if bwd else _T_MAX))
+    KC = max(1, min(16, next_pow2(H), _TILE[bwd] // (NP * T)))
+    warps = (16 if NP >= 256 else 8) if bwd else (8 if NP >= 64 else 4)
     M = max(1, min(_SEG // T, triton.cdiv(max(L, 1), T)))
     return {"KC": KC, "NP": NP, "T": T, "M": M, "num_warps": warps}
 

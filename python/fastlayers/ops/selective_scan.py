@@ -5,6 +5,7 @@ or the reference (plain PyTorch, differentiated by autograd) on CPU / float64 / 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -161,11 +162,8 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_s
     N = A.shape[1]
     if not 1 <= N <= MAX_N:
         raise ValueError(f"{op}: the state size N = A.shape[1] must be in [1, {MAX_N}], got {N}")
-    gb = _check_bc(B, "B", op, Bsz, Dm, N, L, u.dtype)
-    gc = _check_bc(C, "C", op, Bsz, Dm, N, L, u.dtype)
-    if gb and gc and gb != gc:
-        raise ValueError(f"{op}: input-dependent `B` and `C` must have the same number of groups, got "
-                         f"{gb} and {gc}")
+    _check_bc(B, "B", op, Bsz, Dm, N, L, u.dtype)
+    _check_bc(C, "C", op, Bsz, Dm, N, L, u.dtype)
     if z is not None:
         C_.check_shape(z, "z", op, (Bsz, Dm, L))
     for name, t in (("D", D), ("delta_bias", delta_bias)):
@@ -185,11 +183,19 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.float().contiguous() if t is not None else None
 
 
-def _bc_kernel(M: Tensor) -> Tensor:
-    """The kernels' layout: fixed [D, N] fp32, or variable [B, G, N, L] contiguous (a view for [B, N, L])."""
-    if M.dim() == 2:
-        return _f32(M)
-    return (M.unsqueeze(1) if M.dim() == 3 else M).contiguous()
+def _bc_kernel(B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """The kernels' layout: fixed [D, N] fp32, or variable [B, G, N, L] contiguous with one G for both. Group
+    counts that differ (e.g. grouped B with [B, N, L] C) are repeated to their least common multiple, which
+    keeps channel d on its group in each (d // (D // G) of the finer grouping maps to the coarser one)."""
+    gs = [M.shape[1] if M.dim() == 4 else 1 for M in (B, C) if M.dim() > 2]
+    G = math.lcm(*gs) if gs else 1
+
+    def one(M):
+        if M.dim() == 2:
+            return _f32(M)
+        M = M.unsqueeze(1) if M.dim() == 3 else M
+        return (M.repeat_interleave(G // M.shape[1], dim=1) if M.shape[1] != G else M).contiguous()
+    return one(B), one(C)
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -205,7 +211,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     u, delta: [B, D, L], fp16/bf16/fp32 (fp64 on the reference backend); z: [B, D, L] like u.
     A: [D, N] real, 1 <= N <= 256 (Mamba uses A = -exp(A_log)).
     B, C: [D, N] (fixed, any float dtype), [B, N, L] or [B, G, N, L] (input-dependent, u's dtype; channel d
-      uses group d // (D // G)).
+      uses group d // (D // G); B and C may have different group counts).
     D, delta_bias: [D] (fp32 in Mamba). initial_state: [B, D, N], the state before time 0 (zeros if None).
     Returns out [B, D, L] in u's dtype, and the last state [B, D, N] (fp32) when return_last_state. Scanning a
     sequence in pieces, each starting from the previous piece's last state, equals scanning it whole.
@@ -218,8 +224,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     if be == "reference":  # plain PyTorch: autograd, torch.compile and CPU need nothing more
         return _ref.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                    initial_state)
-    out, last, _ = _selective_scan(u.contiguous(), delta.contiguous(), _f32(A), _bc_kernel(B), _bc_kernel(C),
-                                   _f32(D), z.contiguous() if z is not None else None, _f32(delta_bias),
+    Bk, Ck = _bc_kernel(B, C)
+    out, last, _ = _selective_scan(u.contiguous(), delta.contiguous(), _f32(A), Bk, Ck, _f32(D), z.contiguous() if z is not None else None, _f32(delta_bias),
                                    _f32(initial_state), delta_softplus, be)
     return (out, last) if return_last_state else out
 
