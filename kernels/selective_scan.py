@@ -58,8 +58,9 @@ def _bc_tile(ptr, bg_off, offs_n, mask_n, t, mask_t, L):
 @triton.jit
 def _sub_chunk(u_ptr, delta_ptr, B_ptr, row, bg_off, offs_n, mask_n, mask_k, t, L, A, bias, Bf, h0,
                VAR_B: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """States of one sub-chunk: returns u [KC, T], dt [KC, T], raw dt, a [KC, NP, T], b [KC, NP, T] and
-    h [KC, NP, T] (h_t for every t, from h0 = the state before the sub-chunk)."""
+    """One sub-chunk at times t: returns u, dt, raw dt (before softplus) [KC, T]; a, b, h [KC, NP, T] (h_t for
+    every t, from h0 = the state before the sub-chunk); B broadcastable to [KC, NP, T]; the mask and offsets of
+    the [KC, T] tile."""
     mask_t = t < L
     m2 = mask_k[:, None] & mask_t[None, :]
     off2 = row[:, None] + t[None, :]

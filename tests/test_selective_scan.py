@@ -450,10 +450,10 @@ def test_cuda_matches_reference(case, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("L, N", [(2047, 16), (3000, 64), (1100, 256)])
+@pytest.mark.parametrize("L, N", [(2047, 16), (1500, 64), (1030, 256)])
 def test_gpu_long_sequences(backend, L, N):
     """Several CUDA chunks / Triton segments, large states, bf16: outputs and gradients vs the reference."""
-    inputs = _inputs(2, 6, L, N, "var", "var", torch.bfloat16, "cuda")
+    inputs = _inputs(1, 3, L, N, "var", "var", torch.bfloat16, "cuda")
     check(functools.partial(fastlayers.selective_scan, backend=backend), R.selective_scan, inputs,
           {"delta_softplus": True, "return_last_state": True}, ("out", "last_state"), f"{backend} L={L} N={N}")
 

@@ -225,8 +225,9 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         return _ref.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                    initial_state)
     Bk, Ck = _bc_kernel(B, C)
-    out, last, _ = _selective_scan(u.contiguous(), delta.contiguous(), _f32(A), Bk, Ck, _f32(D), z.contiguous() if z is not None else None, _f32(delta_bias),
-                                   _f32(initial_state), delta_softplus, be)
+    zc = z.contiguous() if z is not None else None
+    out, last, _ = _selective_scan(u.contiguous(), delta.contiguous(), _f32(A), Bk, Ck, _f32(D), zc,
+                                   _f32(delta_bias), _f32(initial_state), delta_softplus, be)
     return (out, last) if return_last_state else out
 
 

@@ -63,8 +63,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 def selective_scan_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """One time step of the scan (decoding). state: [B, D, N]; u, delta, z: [B, D]; A: [D, N]; B, C: [D, N]
-    (fixed) or [B, G, N] (input-dependent, G = 1 for Mamba's [B, N] with a unit axis); D, delta_bias: [D]. Returns (out [B, D] in u's dtype, new_state [B, D, N] in the
-    compute dtype), exactly one iteration of `selective_scan`."""
+    (fixed) or [B, G, N] (input-dependent; Mamba's [B, N] is [B, 1, N]); D, delta_bias: [D].
+    Returns (out [B, D] in u's dtype, new_state [B, D, N] in the compute dtype): one iteration of
+    `selective_scan`."""
     Bsz, Dm = u.shape
     cdt = _compute_dtype(u.dtype)
     # B, C with a time axis of length 1, indexed as in the scan
