@@ -32,4 +32,10 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return v;
 }
 
+// AT_DISPATCH over fp32, fp16 and bf16 only (no fp64 instantiation: fewer kernels to compile).
+#define FL_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)                                            \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)           \
+                         AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)                   \
+                             AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+
 }  // namespace fastlayers

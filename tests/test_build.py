@@ -17,6 +17,13 @@ CUDA_SCHEMAS = {
                                "Tensor? initial_state, int dilation, int pad, bool silu, Tensor? dy) -> Tensor",
     "dilated_conv1d_bwd_cuda": "fastlayers::dilated_conv1d_bwd_cuda(Tensor x, Tensor weight, Tensor? initial_state, "
                                "Tensor g, int dilation, int pad) -> (Tensor, Tensor, Tensor, Tensor)",
+    "selective_scan_fwd_cuda": "fastlayers::selective_scan_fwd_cuda(Tensor u, Tensor delta, Tensor A, Tensor B, "
+                               "Tensor C, Tensor D, Tensor? z, Tensor delta_bias, Tensor initial_state, "
+                               "bool delta_softplus) -> (Tensor, Tensor, Tensor)",
+    "selective_scan_bwd_cuda": "fastlayers::selective_scan_bwd_cuda(Tensor u, Tensor delta, Tensor A, Tensor B, "
+                               "Tensor C, Tensor D, Tensor? z, Tensor delta_bias, Tensor chk, Tensor dout, "
+                               "Tensor dlast, bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+                               "Tensor, Tensor, Tensor, Tensor)",
 }
 
 

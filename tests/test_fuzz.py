@@ -341,3 +341,82 @@ def test_fuzz_attention_invalid(args):
 
 
 FUZZED.add("attention")
+
+
+# ------------------------------------------------------------------------------------------- selective_scan
+
+@st.composite
+def _selective_scan_args(draw):
+    Bz, Dm, L, N = draw(st.integers(1, 2)), draw(st.integers(1, 12)), draw(st.integers(1, 40)), draw(st.integers(1, 20))
+    dtype = draw(st.sampled_from(KERNEL_DTYPES))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    inputs = {"u": _t((Bz, Dm, L), dtype, seed),
+              "delta": (torch.rand(Bz, Dm, L, generator=g) * 0.5).to(DEV, dtype).requires_grad_(),
+              "A": (-torch.rand(Dm, N, generator=g) - 0.1).to(DEV).requires_grad_()}
+    kind = draw(st.sampled_from(["fixed", "variable", "grouped"]))
+    groups = [gg for gg in range(1, Dm + 1) if Dm % gg == 0]
+    G = draw(st.sampled_from(groups))
+    for name, off in (("B", 1), ("C", 2)):
+        shape = {"fixed": (Dm, N), "variable": (Bz, N, L), "grouped": (Bz, G, N, L)}[kind]
+        inputs[name] = _t(shape, torch.float32 if kind == "fixed" else dtype, seed + off, scale=0.5)
+    kw = {"delta_softplus": draw(st.booleans()), "return_last_state": draw(st.booleans())}
+    if draw(st.booleans()):
+        inputs["D"] = _t((Dm,), torch.float32, seed + 3)
+    if draw(st.booleans()):
+        inputs["z"] = _t((Bz, Dm, L), dtype, seed + 4)
+    if draw(st.booleans()):
+        inputs["delta_bias"] = _t((Dm,), torch.float32, seed + 5, scale=0.2)
+    if draw(st.booleans()):
+        inputs["initial_state"] = _t((Bz, Dm, N), torch.float32, seed + 6)
+    return inputs, kw
+
+
+@FUZZ
+@given(_selective_scan_args())
+def test_fuzz_selective_scan(args):
+    inputs, kw = args
+    res = compare(functools.partial(fastlayers.selective_scan, backend="triton"), R.selective_scan, inputs, kw)
+    assert_results(res, f"{ {k: tuple(v.shape) for k, v in inputs.items()} } {kw}")
+
+
+@st.composite
+def _selective_scan_bad(draw):
+    a = {"u": torch.randn(2, 4, 9), "delta": torch.rand(2, 4, 9), "A": -torch.rand(4, 3),
+         "B": torch.randn(2, 3, 9), "C": torch.randn(2, 3, 9)}
+    which = draw(st.sampled_from(["u_rank", "delta", "A", "N", "B", "C_groups", "D", "z", "state", "dtype",
+                                  "flag"]))
+    if which == "u_rank":
+        a["u"] = torch.randn(2, 4)
+    elif which == "delta":
+        a["delta"] = torch.rand(2, 4, 8)
+    elif which == "A":
+        a["A"] = torch.randn(5, 3)
+    elif which == "N":
+        a["A"], a["B"], a["C"] = torch.randn(4, 300), torch.randn(4, 300), torch.randn(4, 300)
+    elif which == "B":
+        a["B"] = torch.randn(draw(st.sampled_from([(2, 4, 9), (2, 3, 8), (3, 3)])))
+    elif which == "C_groups":
+        a["C"] = torch.randn(2, 3, 3, 9)  # 3 groups do not divide D = 4
+    elif which == "D":
+        a["D"] = torch.randn(5)
+    elif which == "z":
+        a["z"] = torch.randn(2, 4, 10)
+    elif which == "state":
+        a["initial_state"] = torch.randn(2, 4, 4)
+    elif which == "dtype":
+        a["delta"] = a["delta"].half()
+    else:
+        a["delta_softplus"] = draw(st.sampled_from([1, "yes"]))
+    return a
+
+
+@FUZZ
+@given(_selective_scan_bad())
+def test_fuzz_selective_scan_invalid(a):
+    with pytest.raises((ValueError, TypeError)) as e:
+        fastlayers.selective_scan(**a, backend="triton")
+    assert "selective_scan" in str(e.value)
+
+
+FUZZED.add("selective_scan")

@@ -2,10 +2,12 @@
 from . import nn, ops, reference
 from ._backend import use_backend
 from ._determinism import use_deterministic
-from .ops import attention, depthwise_conv2d, dilated_conv1d, dilated_conv1d_step, halo_attention
+from .ops import (attention, depthwise_conv2d, dilated_conv1d, dilated_conv1d_step, halo_attention, selective_scan,
+                  selective_scan_step)
 from .patch import AccelerateReport, accelerate
 
 __version__ = "0.1.0"
 
 __all__ = ["AccelerateReport", "__version__", "accelerate", "attention", "depthwise_conv2d", "dilated_conv1d",
-            "dilated_conv1d_step", "halo_attention", "nn", "ops", "reference", "use_backend", "use_deterministic"]
+            "dilated_conv1d_step", "halo_attention", "nn", "ops", "reference", "selective_scan",
+            "selective_scan_step", "use_backend", "use_deterministic"]

@@ -54,7 +54,8 @@ def cmd_info(args) -> int:
     for op in registry.get():
         cuda = all(_ext.has_op(n) for n in op.cuda_ops) if op.cuda_ops else False
         try:
-            choice = _backend.choose(op.name, dev, cuda_op=op.cuda_ops[0] if op.cuda_ops else None)
+            choice = _backend.choose(op.name, dev, cuda_op=op.cuda_ops[0] if op.cuda_ops else None,
+                                     prefer=op.prefer)
         except Exception as e:
             choice = f"error: {e}"
         why = {"reference": "CPU tensors: the PyTorch reference" if dev.type == "cpu" else "no kernel available",

@@ -29,7 +29,8 @@ class OpInfo:
     bench: str | None = None           # module under fastlayers.benchmarks
     modules: str | None = None         # module under fastlayers.nn with examples(device)
     support: tuple = ()                # Support rows
-    autocast: str = "lower"            # how inputs are cast under torch.autocast: "lower" | "fp32"
+    prefer: tuple = ("triton", "cuda")  # automatic choice's order on a GPU (set from benchmarks)
+    autocast: str = "lower"            # how activations are cast under torch.autocast: "lower" | "fp32"
     # "exact": NaN/Inf outputs are exactly the reference's; "superset": every output the reference makes
     # non-finite is non-finite, and a non-finite input may spread further (the reason is in `notes`)
     nonfinite: str = "exact"
@@ -93,6 +94,17 @@ OPS: dict[str, OpInfo] = {
                     notes="CPU path; cases beyond the Triton limits"),
         ),
         notes="Triton only; window side b+2h <= 32, head dims <= 128 (else the reference)"),
+    "selective_scan": OpInfo(
+        "selective_scan", kernels="selective_scan",
+        cuda_ops=("selective_scan_fwd_cuda", "selective_scan_bwd_cuda"), bench="bench_selective_scan",
+        modules="selective_scan", prefer=("cuda", "triton"),
+        support=(
+            Support("cuda", notes="fixed / input-dependent / grouped B and C, N ≤ 256, any L; fp32 state; "
+                                  "gradients for every input and the initial state; deterministic"),
+            Support("triton", notes="same cases as CUDA; chunked associative scan, recompute in backward"),
+            Support("reference", ALL_DTYPES + ("fp64",), gpu_verified=True, notes="sequential fp32 recurrence; CPU path"),
+        ),
+        notes="Mamba's scan; fp32 state; auto prefers the CUDA kernel when built"),
 }
 
 

@@ -3,6 +3,7 @@ from .attention import Attention, WindowAttention
 from .depthwise_conv2d import DepthwiseConv2d, DilatedReparamBlock
 from .dilated_conv1d import CausalConv1d, DilatedConv1d, TemporalConvNet
 from .halo_attention import HaloAttention, RelPosEmbed
+from .selective_scan import Mamba
 
 __all__ = ["Attention", "CausalConv1d", "DepthwiseConv2d", "DilatedConv1d", "DilatedReparamBlock",
-            "HaloAttention", "RelPosEmbed", "TemporalConvNet", "WindowAttention"]
+            "HaloAttention", "Mamba", "RelPosEmbed", "TemporalConvNet", "WindowAttention"]

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, _ext
+from .. import _backend, _ext, registry
 from .. import reference as _ref
 from . import _common as C
 
@@ -178,7 +178,7 @@ def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dil
     cuda_ok = ("channels-last input" if channels_last else
                "L too long for its grid" if -(-x.shape[2] // 1024) + -(-S // 1024) > 65535 else True)
     be = _backend.choose(OP, x.device, backend=backend, dtype=x.dtype, cuda_op="dilated_conv1d_fwd_cuda",
-                         cuda_ok=cuda_ok)
+                         cuda_ok=cuda_ok, prefer=registry.OPS[OP].prefer)
     act = "silu" if activation in ("silu", "swish") else None
     if be == "reference":  # plain PyTorch: autograd, torch.compile and CPU need nothing more
         with torch.autocast(x.device.type, enabled=False):

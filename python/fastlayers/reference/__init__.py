@@ -3,5 +3,7 @@ from .attention import attention, decay_bias
 from .depthwise_conv2d import depthwise_conv2d
 from .dilated_conv1d import dilated_conv1d, dilated_conv1d_step
 from .halo_attention import halo_attention
+from .selective_scan import selective_scan, selective_scan_step
 
-__all__ = ["attention", "decay_bias", "depthwise_conv2d", "dilated_conv1d", "dilated_conv1d_step", "halo_attention"]
+__all__ = ["attention", "decay_bias", "depthwise_conv2d", "dilated_conv1d", "dilated_conv1d_step",
+            "halo_attention", "selective_scan", "selective_scan_step"]
