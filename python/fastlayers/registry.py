@@ -35,6 +35,12 @@ OPS: dict[str, OpInfo] = {
         "dilated_conv1d", kernels="dilated_conv1d",
         cuda_ops=("dilated_conv1d_fwd_cuda", "dilated_conv1d_bwd_cuda"), bench="bench_dilated_conv1d",
         notes="CUDA kernel: channels-first only (channels-last runs on Triton)"),
+    "linear_attention": OpInfo(
+        "linear_attention", kernels="linear_attention", bench="bench_linear_attention",
+        notes="non-causal (SLAB) and causal chunkwise; Dk, Dv <= 256 on Triton"),
+    "retention": OpInfo(
+        "retention", kernels="retention", bench=None,
+        notes="the linear_attention chunk kernels with a decay; benchmarked in bench_linear_attention"),
 }
 
 

@@ -155,9 +155,11 @@ def validate_qkv(op: str, q, k, v) -> None:
 
 
 def triton_support(q, v) -> bool | str:
-    DK, DV = q.shape[-1], v.shape[-1]
+    N, DK, DV = q.shape[2], q.shape[-1], v.shape[-1]
     if DK > MAX_D or DV > MAX_D:
         return f"head dims Dk={DK}, Dv={DV}: the Triton kernels take at most {MAX_D}"
+    if N * max(DK, DV) >= 2**31:
+        return f"N * max(Dk, Dv) = {N * max(DK, DV)} >= 2**31 elements in one head (int32 offsets)"
     return True
 
 
