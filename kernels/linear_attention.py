@@ -228,8 +228,9 @@ def _global_dqk_kernel(
 
 @triton.jit
 def _chunk_decays(lg, t0, N, C: tl.constexpr, HAS_DECAY: tl.constexpr, DIAG: tl.constexpr):
-    """For the chunk of positions [t0, t0+C): intra-chunk weights w [C, C] (causal mask times γ^(i-j)),
-    query decay γ^(i+1) [C], key decay γ^(L-1-j) [C] (zero past the end), chunk decay γ^L, L = valid length."""
+    """For the chunk of positions [t0, t0+C): the causal mask [C, C], intra-chunk weights w [C, C] (γ^(i-j) on the
+    mask), query decay γ^(i+1) [C], key decay γ^(L-1-j) [C] (zero past the end), chunk decay γ^L, L = valid
+    length. Scores are masked with tl.where, not multiplied by 0: a NaN in a later key stays out of earlier rows."""
     i = tl.arange(0, C)
     L = tl.minimum(N - t0, C)
     diff = i[:, None] - i[None, :]
@@ -244,7 +245,7 @@ def _chunk_decays(lg, t0, N, C: tl.constexpr, HAS_DECAY: tl.constexpr, DIAG: tl.
         dq = tl.full([C], 1.0, tl.float32)
         dk = tl.where(i < L, 1.0, 0.0)
         dc = 1.0
-    return w, dq, dk, dc
+    return causal, w, dq, dk, dc
 
 
 @triton.jit
@@ -308,8 +309,8 @@ def _chunk_fwd_kernel(
         q = _phi_load(q_ptr, rows, mt, offs_k, mk, DK, FMAP)
         k = _phi_load(k_ptr, rows, mt, offs_k, mk, DK, FMAP)
         v = _load(v_ptr, rows, mt, offs_v, mv, DV)
-        w, dq, dk, dc = _chunk_decays(lg, c * C, N, C, HAS_DECAY, DIAG)
-        A = tl.dot(q, tl.trans(k), input_precision=PREC) * w
+        cm, w, dq, dk, dc = _chunk_decays(lg, c * C, N, C, HAS_DECAY, DIAG)
+        A = tl.where(cm, tl.dot(q, tl.trans(k), input_precision=PREC) * w, 0.0)
         o = tl.dot(A.to(v.dtype), v, input_precision=PREC) + _sdot(q, S, STATE_F32, PREC) * dq[:, None]
         if NORMALIZE:
             den = tl.sum(A, axis=1) + tl.sum(q.to(tl.float32) * z[None, :], axis=1) * dq
@@ -391,8 +392,8 @@ def _chunk_bwd_kernel(
         k = _phi_load(k_ptr, rows, mt, offs_k, mk, DK, FMAP)
         v = _load(v_ptr, rows, mt, offs_v, mv, DV)
         do, dn, inv, dd = _chunk_dn(do_ptr, den_ptr, delta_ptr, rows, mt, offs_v, mv, DV, eps, first_v, NORMALIZE)
-        w, dqd, dkd, dc = _chunk_decays(lg, c * C, N, C, HAS_DECAY, DIAG)
-        G = (tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dd[:, None]) * w
+        cm, w, dqd, dkd, dc = _chunk_decays(lg, c * C, N, C, HAS_DECAY, DIAG)
+        G = tl.where(cm, (tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dd[:, None]) * w, 0.0)
         dq = tl.dot(G.to(k.dtype), k, input_precision=PREC) + _sdot(dn, tl.trans(S), STATE_F32, PREC) * dqd[:, None]
         if NORMALIZE:
             dq += (dd * dqd)[:, None] * z[None, :]
@@ -419,8 +420,8 @@ def _chunk_bwd_kernel(
         k = _phi_load(k_ptr, rows, mt, offs_k, mk, DK, FMAP)
         v = _load(v_ptr, rows, mt, offs_v, mv, DV)
         do, dn, inv, dd = _chunk_dn(do_ptr, den_ptr, delta_ptr, rows, mt, offs_v, mv, DV, eps, first_v, NORMALIZE)
-        w, dqd, dkd, dc = _chunk_decays(lg, c * C, N, C, HAS_DECAY, DIAG)
-        G = (tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dd[:, None]) * w
+        cm, w, dqd, dkd, dc = _chunk_decays(lg, c * C, N, C, HAS_DECAY, DIAG)
+        G = tl.where(cm, (tl.dot(do, tl.trans(v), input_precision=PREC) * inv[:, None] + dd[:, None]) * w, 0.0)
         dk = tl.dot(tl.trans(G.to(q.dtype)), q, input_precision=PREC)
         dk += _sdot(v, tl.trans(dS), STATE_F32, PREC) * dkd[:, None]
         if NORMALIZE:
@@ -428,7 +429,7 @@ def _chunk_bwd_kernel(
         dk = dk * _dphi(k, FMAP)
         tl.store(dk_ptr + rows[:, None] * DK + offs_k[None, :], dk.to(dk_ptr.dtype.element_ty),
                  mask=mt[:, None] & mk[None, :])
-        A = tl.dot(q, tl.trans(k), input_precision=PREC) * w
+        A = tl.where(cm, tl.dot(q, tl.trans(k), input_precision=PREC) * w, 0.0)
         kd = _scale_rows(k, dkd, HAS_DECAY)
         dv = tl.dot(tl.trans(A.to(dn.dtype)), dn, input_precision=PREC) + _sdot(kd, dS, STATE_F32, PREC)
         tl.store(dv_ptr + rows[:, None] * DV + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty),

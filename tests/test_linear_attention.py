@@ -188,13 +188,15 @@ def test_zero_size(shape, device):
 
 
 def test_nan_propagates_like_reference(device):
-    q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
-    v[0, 1, 7, 3] = float("nan")
+    """A NaN key reaches the outputs that attend to it (causal: later positions only), no other head."""
+    q, k, v = torch.randn(1, 2, 70, 8), torch.randn(1, 2, 70, 8), torch.randn(1, 2, 70, 8)
+    k[0, 1, 37, 3] = float("nan")
     for causal in (False, True):
-        o = triton_la(q, k, v, causal=causal)
-        ref = R.linear_attention(q, k, v, causal)
+        o = triton_la(q, k, v, causal=causal, feature_map="elu1")
+        ref = R.linear_attention(q, k, v, causal, "elu1")
         assert torch.equal(torch.isnan(o), torch.isnan(ref)), causal
-        assert not torch.isnan(o[0, 0]).any()
+        assert not torch.isnan(o[0, 0]).any() and torch.isnan(o[0, 1, 37:]).all()
+        assert torch.isnan(o[0, 1, :37]).any() != causal
 
 
 def test_inputs_not_mutated(device):

@@ -116,6 +116,11 @@ class MultiScaleRetention(nn.Module):
             incremental_state["offset"] = offset + N
         else:
             o = retention(qr, kr, v, self.gamma, causal=True)
+        # torchscale's scale 1/sqrt(Σ_{m<=n} γ^(n-m)) per position (its recurrent form exactly; its parallel form
+        # when its score clamp is inactive): undone by the norm but for its eps, which then acts alike
+        pos = torch.arange(offset, offset + N, device=o.device, dtype=torch.float32)
+        gm = self.gamma.float()[:, None]
+        o = o * torch.rsqrt((1 - gm ** (pos + 1)) / (1 - gm))[:, :, None].to(o.dtype)
         o = _rms_norm(o.transpose(1, 2), self.layernorm_eps).reshape(B, N, self.value_dim)
         return self.out_proj(self.gate_fn(g) * o)
 

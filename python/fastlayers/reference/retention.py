@@ -18,11 +18,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _log(gamma: torch.Tensor, dtype) -> torch.Tensor:
+    """log γ, clamped so that γ = 0 gives γ^0 = 1 (0 * -inf would be NaN) and γ^n = 0."""
+    return torch.log(gamma.detach().to(dtype)).clamp(min=-1.0e4)
+
+
 def decay_matrix(gamma: torch.Tensor, N: int, causal: bool, dtype=torch.float32) -> torch.Tensor:
     """[H, N, N]: γ^(n-m) for m <= n (0 above the diagonal) when causal, γ^|n-m| otherwise."""
     idx = torch.arange(N, device=gamma.device, dtype=dtype)
     diff = idx[:, None] - idx[None, :]
-    lg = torch.log(gamma.detach().to(dtype))[:, None, None]
+    lg = _log(gamma, dtype)[:, None, None]
     if causal:
         return torch.where(diff >= 0, torch.exp(diff.clamp(min=0) * lg), torch.zeros((), dtype=dtype,
                                                                                        device=gamma.device))
@@ -35,8 +40,11 @@ def retention(q, k, v, gamma, causal=True, initial_state=None, return_final_stat
     N = q.shape[2]
     Q, K, V = q.to(cdt), k.to(cdt), v.to(cdt)
     D = decay_matrix(gamma, N, causal, cdt)
-    o = ((Q @ K.transpose(-1, -2)) * D) @ V
-    lg = torch.log(gamma.detach().to(cdt))[:, None]  # [H, 1]
+    scores = Q @ K.transpose(-1, -2)
+    if causal:  # masked, not multiplied by 0: a NaN in a later key stays out of earlier outputs
+        scores = scores.masked_fill(~torch.ones(N, N, dtype=torch.bool, device=q.device).tril(), 0.0)
+    o = (scores * D) @ V
+    lg = _log(gamma, cdt)[:, None]  # [H, 1]
     if initial_state is not None:
         qdecay = torch.exp((torch.arange(N, device=q.device, dtype=cdt) + 1) * lg)  # γ^(n+1) [H, N]
         o = o + (Q * qdecay[..., None]) @ initial_state.to(cdt)
