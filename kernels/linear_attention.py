@@ -228,20 +228,20 @@ def _global_dqk_kernel(
 
 @triton.jit
 def _chunk_decays(lg, t0, N, C: tl.constexpr, HAS_DECAY: tl.constexpr, DIAG: tl.constexpr):
-    """For the chunk of positions [t0, t0+C): the causal mask [C, C], intra-chunk weights w [C, C] (γ^(i-j) on the
-    mask), query decay γ^(i+1) [C], key decay γ^(L-1-j) [C] (zero past the end), chunk decay γ^L, L = valid
+    """For the chunk of positions [t0, t0+C): the causal mask [C, C], intra-chunk weights w [C, C] (γ^(i-j), used
+    on the mask only; 1 without decay), query decay γ^(i+1) [C], key decay γ^(L-1-j) [C] (zero past the end), chunk decay γ^L, L = valid
     length. Scores are masked with tl.where, not multiplied by 0: a NaN in a later key stays out of earlier rows."""
     i = tl.arange(0, C)
     L = tl.minimum(N - t0, C)
     diff = i[:, None] - i[None, :]
     causal = (diff >= 0) if DIAG else (diff > 0)
     if HAS_DECAY:
-        w = tl.where(causal, tl.exp2(tl.where(causal, diff, 0).to(tl.float32) * lg), 0.0)
+        w = tl.exp2(diff.to(tl.float32) * lg)  # meaningful on the mask only (inf above it when γ ~ 0)
         dq = tl.exp2((i + 1).to(tl.float32) * lg)
         dk = tl.where(i < L, tl.exp2(tl.where(i < L, L - 1 - i, 0).to(tl.float32) * lg), 0.0)
         dc = tl.exp2(L.to(tl.float32) * lg)
     else:
-        w = tl.where(causal, 1.0, 0.0)
+        w = 1.0
         dq = tl.full([C], 1.0, tl.float32)
         dk = tl.where(i < L, 1.0, 0.0)
         dc = 1.0
@@ -472,7 +472,7 @@ def chunk_config(DK: int, DV: int, dtype: torch.dtype, bwd: bool) -> dict:
     if dtype == torch.float32:
         C, bk, bv = 16, (16 if bwd else 32), 32
     elif dtype == torch.float16:
-        C, bk, bv = 32, 64, 64
+        C, bk, bv = 32, 64, (32 if bwd else 64)
     else:
         C, bk, bv = (32 if bwd else 64), 64, 64
     return {"C": C, "BK": _block(DK, bk), "BV": _block(DV, bv), "num_warps": 8, "num_stages": 1}
