@@ -68,7 +68,7 @@ def test_triton_two_sided_matches_reference(i, dtype, device):
 
 
 def test_reference_is_the_recurrence_and_the_parallel_form():
-    """RetNet: S_n = γ S_{n-1} + k_nᵀ v_n, o_n = q_n S_n; parallel form (Q Kᵀ ⊙ D) V with D_nm = γ^(n-m) [m<=n]."""
+    """RetNet: S_n = γ S_{n-1} + k_nᵀ v_n, o_n = q_n S_n; parallel (Q Kᵀ ⊙ D) V, D_nm = γ^(n-m) [m<=n]."""
     B, H, N, DK, DV = 2, 3, 11, 4, 5
     q, k, v = (torch.randn(B, H, N, d, dtype=torch.float64) for d in (DK, DK, DV))
     gamma = torch.tensor([0.9, 0.5, 1.0], dtype=torch.float64)

@@ -274,7 +274,7 @@ class ManhattanSelfAttention(nn.Module):
         if self.kernel == "softmax":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=axis_log_decay(self.gamma, n).to(q.dtype),
                                                   scale=1.0)
-        return retention(q.contiguous(), k.contiguous(), v.contiguous(), self.gamma.to(q.dtype), causal=False)
+        return retention(q.contiguous(), k.contiguous(), v.contiguous(), self.gamma, causal=False)
 
     @classmethod
     def from_module(cls, m: nn.Module, decomposed: bool, initial_value: float = 2.0, heads_range: float = 4.0
