@@ -420,3 +420,115 @@ def test_fuzz_selective_scan_invalid(a):
 
 
 FUZZED.add("selective_scan")
+
+
+# ------------------------------------------------------------------------------------ linear_attention, retention
+
+@st.composite
+def _linear_attention_args(draw):
+    B, H, N = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 70))
+    Dk, Dv = draw(st.sampled_from([4, 16, 24, 40])), draw(st.sampled_from([4, 16, 24, 40]))
+    dtype = draw(st.sampled_from(KERNEL_DTYPES))
+    seed = draw(st.integers(0, 2**16))
+    fmap = draw(st.sampled_from(["relu", "elu1", None]))
+    normalize = fmap is not None and draw(st.booleans())  # identity features with a normaliser can divide by ~0
+    causal = draw(st.booleans())
+    s = 0.5
+    inputs = {"q": _t((B, H, N, Dk), dtype, seed, scale=s), "k": _t((B, H, N, Dk), dtype, seed + 1, scale=s),
+              "v": _t((B, H, N, Dv), dtype, seed + 2)}
+    kw = {"causal": causal, "feature_map": fmap, "normalize": normalize}
+    if causal and draw(st.booleans()):
+        kw["return_final_state"] = True
+        S = _t((B, H, Dk, Dv), torch.float32, seed + 3, scale=0.3)
+        if normalize:
+            g = torch.Generator().manual_seed(seed + 4)
+            inputs["z0"] = (torch.rand(B, H, Dk, generator=g) + 0.5).to(DEV).requires_grad_()
+        inputs["S0"] = S
+    return inputs, kw
+
+
+def _linear_attention_call(fn, q, k, v, S0=None, z0=None, **kw):
+    state = None if S0 is None else ((S0, z0) if z0 is not None else S0)
+    out = fn(q, k, v, initial_state=state, **kw)
+    if isinstance(out, tuple) and isinstance(out[1], tuple):  # (o, (S, z)) -> flat for the comparison
+        return (out[0], *out[1])
+    return out
+
+
+@FUZZ
+@given(_linear_attention_args())
+def test_fuzz_linear_attention(args):
+    inputs, kw = args
+    res = compare(functools.partial(_linear_attention_call,
+                                    functools.partial(fastlayers.linear_attention, backend="triton")),
+                  functools.partial(_linear_attention_call, R.linear_attention), inputs, kw)
+    assert_results(res, f"{ {k: tuple(v.shape) for k, v in inputs.items()} } {kw}")
+
+
+@st.composite
+def _retention_args(draw):
+    B, H, N = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 70))
+    Dk, Dv = draw(st.sampled_from([4, 16, 24, 40])), draw(st.sampled_from([4, 16, 24, 40]))
+    dtype = draw(st.sampled_from(KERNEL_DTYPES))
+    seed = draw(st.integers(0, 2**16))
+    causal = draw(st.booleans())
+    inputs = {"q": _t((B, H, N, Dk), dtype, seed, scale=0.5), "k": _t((B, H, N, Dk), dtype, seed + 1, scale=0.5),
+              "v": _t((B, H, N, Dv), dtype, seed + 2)}
+    kw = {"gamma": (1 - 2.0 ** (-2 - torch.arange(H, dtype=torch.float32))).to(DEV), "causal": causal}
+    if causal and draw(st.booleans()):
+        inputs["initial_state"] = _t((B, H, Dk, Dv), torch.float32, seed + 3, scale=0.3)
+        kw["return_final_state"] = True
+    return inputs, kw
+
+
+@FUZZ
+@given(_retention_args())
+def test_fuzz_retention(args):
+    inputs, kw = args
+    res = compare(functools.partial(fastlayers.retention, backend="triton"), R.retention, inputs, kw)
+    assert_results(res, f"{ {k: tuple(v.shape) for k, v in inputs.items()} } causal={kw['causal']}")
+
+
+@st.composite
+def _linear_attention_bad(draw):
+    q, k, v = torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 5)
+    which = draw(st.sampled_from(["rank", "k", "v", "fmap", "eps", "state_noncausal", "state_shape", "dtype",
+                                  "gamma", "gamma_shape"]))
+    op, kw = "linear_attention", {}
+    if which == "rank":
+        q = torch.randn(2, 7, 8)
+    elif which == "k":
+        k = torch.randn(2, 2, 6, 8)
+    elif which == "v":
+        v = torch.randn(2, 3, 7, 5)
+    elif which == "fmap":
+        kw["feature_map"] = draw(st.sampled_from(["softmax", 1]))
+    elif which == "eps":
+        kw["eps"] = draw(st.sampled_from([-1.0, "0.1"]))
+    elif which == "state_noncausal":
+        kw["initial_state"] = torch.randn(2, 2, 8, 5)
+        kw["normalize"] = False
+    elif which == "state_shape":
+        kw.update(causal=True, normalize=False, initial_state=torch.randn(2, 2, 8, 6))
+    elif which == "dtype":
+        v = v.double()
+    elif which == "gamma":
+        op, kw = "retention", {"gamma": "0.9"}
+    else:
+        op, kw = "retention", {"gamma": torch.rand(3)}
+    return op, q, k, v, kw
+
+
+@FUZZ
+@given(_linear_attention_bad())
+def test_fuzz_linear_attention_retention_invalid(args):
+    op, q, k, v, kw = args
+    with pytest.raises((ValueError, TypeError)) as e:
+        if op == "retention":
+            fastlayers.retention(q, k, v, kw.pop("gamma"), **kw, backend="triton")
+        else:
+            fastlayers.linear_attention(q, k, v, **kw, backend="triton")
+    assert op in str(e.value)
+
+
+FUZZED.update({"linear_attention", "retention"})

@@ -2,12 +2,14 @@
 from . import nn, ops, reference
 from ._backend import use_backend
 from ._determinism import use_deterministic
-from .ops import (attention, depthwise_conv2d, dilated_conv1d, dilated_conv1d_step, halo_attention, selective_scan,
+from .ops import (attention, depthwise_conv2d, dilated_conv1d, dilated_conv1d_step, halo_attention,
+                  linear_attention, linear_attention_step, retention, retention_step, selective_scan,
                   selective_scan_step)
 from .patch import AccelerateReport, accelerate
 
 __version__ = "0.1.0"
 
 __all__ = ["AccelerateReport", "__version__", "accelerate", "attention", "depthwise_conv2d", "dilated_conv1d",
-            "dilated_conv1d_step", "halo_attention", "nn", "ops", "reference", "selective_scan",
-            "selective_scan_step", "use_backend", "use_deterministic"]
+            "dilated_conv1d_step", "halo_attention", "linear_attention", "linear_attention_step", "nn", "ops",
+            "reference", "retention", "retention_step", "selective_scan", "selective_scan_step", "use_backend",
+            "use_deterministic"]

@@ -105,6 +105,22 @@ OPS: dict[str, OpInfo] = {
             Support("reference", ALL_DTYPES + ("fp64",), gpu_verified=True, notes="sequential fp32 recurrence; CPU path"),
         ),
         notes="Mamba's scan; fp32 state; auto prefers the CUDA kernel when built"),
+    "linear_attention": OpInfo(
+        "linear_attention", kernels="linear_attention", bench="bench_linear_attention", modules="linear_attention",
+        support=(
+            Support("triton", notes="non-causal (SLAB, one pass over K/V + one over Q) and causal chunkwise with "
+                                    "states; relu / elu+1 / identity feature maps; Dk, Dv ≤ 256; fp32 accumulation"),
+            Support("reference", ALL_DTYPES + ("fp64",), gpu_verified=True, notes="CPU path; Dk, Dv > 256"),
+        ),
+        notes="non-causal (SLAB) and causal chunkwise; Dk, Dv <= 256 on Triton"),
+    "retention": OpInfo(
+        "retention", kernels="retention", bench=None, modules="retention",
+        support=(
+            Support("triton", notes="RetNet causal chunkwise with states, RMT two-sided γ^|n−m|; the linear-"
+                                    "attention kernels with a decay (benchmarked with linear_attention)"),
+            Support("reference", ALL_DTYPES + ("fp64",), gpu_verified=True, notes="CPU path"),
+        ),
+        notes="the linear_attention chunk kernels with a decay; benchmarked in bench_linear_attention"),
 }
 
 

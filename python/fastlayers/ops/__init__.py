@@ -3,7 +3,10 @@ from .attention import attention
 from .depthwise_conv2d import depthwise_conv2d
 from .dilated_conv1d import dilated_conv1d, dilated_conv1d_step
 from .halo_attention import halo_attention
+from .linear_attention import linear_attention, linear_attention_step
+from .retention import retention, retention_step
 from .selective_scan import selective_scan, selective_scan_step
 
 __all__ = ["attention", "depthwise_conv2d", "dilated_conv1d", "dilated_conv1d_step", "halo_attention",
-            "selective_scan", "selective_scan_step"]
+            "linear_attention", "linear_attention_step", "retention", "retention_step", "selective_scan",
+            "selective_scan_step"]
