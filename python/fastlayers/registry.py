@@ -35,6 +35,12 @@ OPS: dict[str, OpInfo] = {
         "dilated_conv1d", kernels="dilated_conv1d",
         cuda_ops=("dilated_conv1d_fwd_cuda", "dilated_conv1d_bwd_cuda"), bench="bench_dilated_conv1d",
         notes="CUDA kernel: channels-first only (channels-last runs on Triton)"),
+    "sparse_conv2d": OpInfo(
+        "sparse_conv2d", kernels="sparse_conv2d", bench="bench_sparse_conv2d",
+        notes="SparK masked conv on active pixels only: gather-GEMM (dense/grouped), direct (depthwise)"),
+    "sparse_norm2d": OpInfo(
+        "sparse_norm2d", kernels="sparse_norm2d",
+        notes="SparK sparse BatchNorm2d / LayerNorm2d over active pixels (benchmarked in bench_sparse_conv2d)"),
 }
 
 

@@ -38,8 +38,8 @@ def sparse_batch_norm2d(x, mask, running_mean=None, running_var=None, weight=Non
     w = weight.to(cdt) if weight is not None else None
     b = bias.to(cdt) if bias is not None else None
     y = F.batch_norm(rows, rm, rv, w, b, training, momentum, eps)
-    if training and running_mean is not None and rows.shape[0] > 0:
-        with torch.no_grad():
+    if training and running_mean is not None and rm is not running_mean and rows.shape[0] > 0:
+        with torch.no_grad():  # the statistics were updated on fp32 copies
             running_mean.copy_(rm)
             running_var.copy_(rv)
     return scatter(y).permute(0, 3, 1, 2).to(x.dtype)
