@@ -288,7 +288,7 @@ _APPLY = {"BLOCK_M": 64, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1}
 
 def _ln_config(C: int) -> dict:
     block_c = min(max(16, next_pow2(C)), 256)
-    return {"BLOCK_M": max(8, 4096 // block_c), "BLOCK_C": block_c, "ONE_PASS": C <= block_c, "num_warps": 4,
+    return {"BLOCK_M": 4096 // block_c, "BLOCK_C": block_c, "ONE_PASS": C <= block_c, "num_warps": 8,
             "num_stages": 1}
 
 
@@ -385,22 +385,24 @@ def layer_norm_bwd(x, weight, dy, mean, rstd, rows, count, dx):
 # ahead-of-time compile cases
 
 def aot_cases():
+    """The configurations are dtype-independent: all of them in bf16, the two LayerNorm paths also in fp32."""
     cases = []
+    opt = {"num_warps": _RED["num_warps"], "num_stages": _RED["num_stages"]}
     for dt in (torch.bfloat16, torch.float32):
         t = TL_DTYPE[dt]
-        opt = {"num_warps": _RED["num_warps"], "num_stages": _RED["num_stages"]}
-        for grad, per_row in ((False, False), (True, False), (True, True)):
-            c = dict(GRAD=grad, PER_ROW=per_row, BLOCK_M=_RED["BLOCK_M"], BLOCK_C=_RED["BLOCK_C"], sxw=1, syw=1)
-            ptrs = {"x_ptr": t, "dy_ptr": t, "mean_ptr": "fp32", "rstd_ptr": "fp32", "rows_ptr": "i32",
-                    "count_ptr": "i32", "out_ptr": "fp32"}
-            cases.append(AotCase(f"sparse_norm_reduce[{t},grad={grad},per_row={per_row}]", _sparse_norm_reduce_kernel,
-                                 signature(_sparse_norm_reduce_kernel, ptrs, c), c, opt))
-        for has_v in (False, True):
-            c = dict(HAS_V=has_v, BLOCK_M=_APPLY["BLOCK_M"], BLOCK_C=_APPLY["BLOCK_C"], suw=1, svw=1, sow=1)
-            ptrs = {"u_ptr": t, "v_ptr": t, "a_ptr": "fp32", "b_ptr": "fp32", "c_ptr": "fp32", "d_ptr": "fp32",
-                    "rows_ptr": "i32", "count_ptr": "i32", "out_ptr": t}
-            cases.append(AotCase(f"sparse_norm_apply[{t},v={has_v}]", _sparse_norm_apply_kernel,
-                                 signature(_sparse_norm_apply_kernel, ptrs, c), c, opt))
+        if dt == torch.bfloat16:
+            for grad, per_row in ((False, False), (True, False), (True, True)):
+                c = dict(GRAD=grad, PER_ROW=per_row, BLOCK_M=_RED["BLOCK_M"], BLOCK_C=_RED["BLOCK_C"], sxw=1, syw=1)
+                ptrs = {"x_ptr": t, "dy_ptr": t, "mean_ptr": "fp32", "rstd_ptr": "fp32", "rows_ptr": "i32",
+                        "count_ptr": "i32", "out_ptr": "fp32"}
+                cases.append(AotCase(f"sparse_norm_reduce[{t},grad={grad},per_row={per_row}]",
+                                     _sparse_norm_reduce_kernel, signature(_sparse_norm_reduce_kernel, ptrs, c), c, opt))
+            for has_v in (False, True):
+                c = dict(HAS_V=has_v, BLOCK_M=_APPLY["BLOCK_M"], BLOCK_C=_APPLY["BLOCK_C"], suw=1, svw=1, sow=1)
+                ptrs = {"u_ptr": t, "v_ptr": t, "a_ptr": "fp32", "b_ptr": "fp32", "c_ptr": "fp32", "d_ptr": "fp32",
+                        "rows_ptr": "i32", "count_ptr": "i32", "out_ptr": t}
+                cases.append(AotCase(f"sparse_norm_apply[{t},v={has_v}]", _sparse_norm_apply_kernel,
+                                     signature(_sparse_norm_apply_kernel, ptrs, c), c, opt))
         for C in (96, 768):
             cfg = _ln_config(C)
             lopt = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
