@@ -321,7 +321,9 @@ def _sparse_conv2d_direct_dw_kernel(
 # launch configuration
 
 GEMM_MIN_CHANNELS = 16   # below this many channels per group on either side, the direct kernel is used
-_TARGET_PROGRAMS = 528   # dweight: split the pixel reduction until about this many programs run (4 per H100 SM)
+# dweight: split the pixel reduction until about this many programs run (4 per H100 SM); the CPU interpreter
+# runs programs one by one, so there a few chunks (still more than one) are enough.
+_TARGET_PROGRAMS = {"cuda": 528, "cpu": 8}
 
 
 def use_gemm(c_in: int, c_out: int, groups: int) -> bool:
@@ -333,11 +335,16 @@ def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _gemm_config(R_G: int, N_G: int, dtype: torch.dtype) -> dict:
+def _small_tiles(dtype: torch.dtype, device: torch.device) -> bool:
+    # fp32 ("ieee" dot on CUDA cores) needs smaller tiles to fit sm_90's registers; the CPU interpreter has no
+    # such limit and runs programs one by one, so it uses the 16-bit tiles (same code, fewer programs).
+    return dtype == torch.float32 and device.type != "cpu"
+
+
+def _gemm_config(R_G: int, N_G: int, dtype: torch.dtype, device: torch.device = torch.device("cuda")) -> dict:
     # Sized to compile without register spills on sm_90 (see aot_cases): the gathered tiles carry one 64-bit
     # pointer per element, so BLOCK_N stays 64 (wider layers use more N blocks; their A tiles hit L2).
-    # fp32 ("ieee" dot on CUDA cores) needs smaller tiles.
-    if dtype == torch.float32:
+    if _small_tiles(dtype, device):
         bm, bn, bk, stages = 32, 64, 32, 1
     else:
         bm, bn, bk, stages = 128, 64, 32, 2
@@ -346,8 +353,8 @@ def _gemm_config(R_G: int, N_G: int, dtype: torch.dtype) -> dict:
             "num_warps": 4, "num_stages": stages}
 
 
-def _gemm_dw_config(R_G: int, N_G: int, dtype: torch.dtype) -> dict:
-    if dtype == torch.float32:
+def _gemm_dw_config(R_G: int, N_G: int, dtype: torch.dtype, device: torch.device = torch.device("cuda")) -> dict:
+    if _small_tiles(dtype, device):
         bm, bn, bk, warps = 32, 64, 32, 4
     else:
         bm, bn, bk, warps = 64, (64 if N_G <= 64 else 128), 64, 8
@@ -362,10 +369,11 @@ def _direct_dw_config() -> dict:
     return {"BLOCK_M": 64, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1}
 
 
-def _split(n_rows: int, block_m: int, other_programs: int) -> int:
+def _split(n_rows: int, block_m: int, other_programs: int, device: torch.device) -> int:
     """Chunks of the pixel reduction for dweight: enough programs, never more chunks than tiles."""
     tiles = max(1, triton.cdiv(n_rows, block_m))
-    return max(1, min(tiles, triton.cdiv(_TARGET_PROGRAMS, max(1, other_programs))))
+    target = _TARGET_PROGRAMS.get(device.type, _TARGET_PROGRAMS["cuda"])
+    return max(1, min(tiles, triton.cdiv(target, max(1, other_programs))))
 
 
 def _strides(t: torch.Tensor):
@@ -390,7 +398,7 @@ def _launch_conv(src, weight, bias, rows, count, act_src, dst, groups, stride, p
     N = B * H_dst * W_dst
     geo = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
     if use_gemm(weight.shape[1] * groups, C_out, groups):
-        cfg = _gemm_config(R_G, N_G, src.dtype)
+        cfg = _gemm_config(R_G, N_G, src.dtype, src.device)
         grid = (triton.cdiv(N, cfg["BLOCK_M"]) + 1, groups * triton.cdiv(N_G, cfg["BLOCK_N"]))
         _sparse_conv2d_gemm_kernel[grid](
             src, _arrange(weight, groups, transposed), bias if bias is not None else src, rows, count, act_src, dst,
@@ -434,11 +442,11 @@ def sparse_conv2d_bwd(dy, x, weight, rows_out, count_out, act_out, act_in, rows_
     geo = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
     R_G, N_G = C_in // groups, C_out // groups
     if use_gemm(C_in, C_out, groups):
-        cfg = _gemm_dw_config(R_G, N_G, x.dtype)
+        cfg = _gemm_dw_config(R_G, N_G, x.dtype, x.device)
         k_blocks = triton.cdiv(KH * KW * R_G, cfg["BLOCK_K"]) if cfg["FLAT_K"] else \
             KH * KW * triton.cdiv(R_G, cfg["BLOCK_K"])
         n_blocks = groups * triton.cdiv(N_G, cfg["BLOCK_N"])
-        n_split = _split(N_out, cfg["BLOCK_M"], n_blocks * k_blocks)
+        n_split = _split(N_out, cfg["BLOCK_M"], n_blocks * k_blocks, x.device)
         dw = empty((n_split, groups, KH * KW * R_G, N_G), dtype=torch.float32, device=x.device)
         db = empty((n_split, C_out), dtype=torch.float32, device=x.device) if need_db else dw
         _sparse_conv2d_gemm_dw_kernel[(n_split, n_blocks, k_blocks)](
@@ -452,7 +460,7 @@ def sparse_conv2d_bwd(dy, x, weight, rows_out, count_out, act_out, act_in, rows_
     else:
         cfg = _direct_dw_config()
         c_blocks = triton.cdiv(C_out, cfg["BLOCK_C"])
-        n_split = _split(N_out, cfg["BLOCK_M"], c_blocks * KH * KW * R_G)
+        n_split = _split(N_out, cfg["BLOCK_M"], c_blocks * KH * KW * R_G, x.device)
         dw = empty((n_split, KH * KW * R_G, C_out), dtype=torch.float32, device=x.device)
         db = empty((n_split, C_out), dtype=torch.float32, device=x.device) if need_db else dw
         _sparse_conv2d_direct_dw_kernel[(n_split, c_blocks, KH * KW * R_G)](

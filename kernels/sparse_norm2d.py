@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import AotCase, TL_DTYPE, empty, next_pow2, signature
-from .sparse_conv2d import _decode
+from .sparse_conv2d import _decode, _split
 
 
 @triton.jit
@@ -281,7 +281,6 @@ def _sparse_layer_norm_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # launchers (x etc. are logical [B, C, H, W] views; see the module doc)
 
-_TARGET_PROGRAMS = 528
 _RED = {"BLOCK_M": 64, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1}
 _APPLY = {"BLOCK_M": 64, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1}
 
@@ -300,8 +299,7 @@ def _reduce(x, dy, mean, rstd, rows, count, grad: bool, per_row: bool):
     B, C, H, W = x.shape
     cfg = _RED
     c_blocks = triton.cdiv(C, cfg["BLOCK_C"])
-    tiles = max(1, triton.cdiv(B * H * W, cfg["BLOCK_M"]))
-    n_split = max(1, min(tiles, triton.cdiv(_TARGET_PROGRAMS, c_blocks)))
+    n_split = _split(B * H * W, cfg["BLOCK_M"], c_blocks, x.device)
     out = empty((2 if grad else 3, n_split, C), dtype=torch.float32, device=x.device)
     _sparse_norm_reduce_kernel[(n_split, c_blocks)](
         x, dy if grad else x, mean if grad else out, rstd if grad else out, rows, count, out,

@@ -37,7 +37,7 @@ def sparse_batch_norm2d(x, mask, running_mean=None, running_var=None, weight=Non
     rv = running_var.to(cdt) if running_var is not None else None
     w = weight.to(cdt) if weight is not None else None
     b = bias.to(cdt) if bias is not None else None
-    y = F.batch_norm(rows, rm, rv, w, b, training, momentum, eps)
+    y = F.batch_norm(rows, rm, rv, w, b, training or running_mean is None, momentum, eps)
     if training and running_mean is not None and rm is not running_mean and rows.shape[0] > 0:
         with torch.no_grad():  # the statistics were updated on fp32 copies
             running_mean.copy_(rm)
