@@ -4,7 +4,6 @@ zeros at inactive pixels; modules, the mask context, and sparsify/densify of tim
 SparK's dense-then-mask formulation."""
 import copy
 import functools
-import types
 
 import pytest
 import torch
@@ -447,66 +446,6 @@ def test_pools_mask_like_spark(device):
 
 # ------------------------------------------------------------------------------------------------ sparsify
 
-def _spark_dense_then_mask(model: torch.nn.Module, mask: torch.Tensor) -> torch.nn.Module:
-    """A copy of a dense timm model running SparK's formulation (written from SparK's encoder semantics): conv and
-    pooling outputs multiplied by the mask, BatchNorm as BatchNorm1d on the gathered active pixels, LayerNorm on
-    the gathered active pixels, and each ConvNeXt block's MLP branch masked before the residual add."""
-    model = copy.deepcopy(model)
-
-    def active(H, W):
-        return R.upsample_mask(mask, H, W)
-
-    def conv_or_pool(self, x):
-        y = type(self).forward(self, x)
-        return y * active(*y.shape[2:])
-
-    def bn(self, x):  # BatchNorm1d's forward on the rows (momentum set: no cumulative average here)
-        idx = active(*x.shape[2:])[:, 0].nonzero(as_tuple=True)
-        bhwc = x.permute(0, 2, 3, 1)
-        if self.training:
-            self.num_batches_tracked.add_(1)
-        nc = F.batch_norm(bhwc[idx], self.running_mean, self.running_var, self.weight, self.bias,
-                          self.training, self.momentum, self.eps)
-        out = torch.zeros_like(bhwc)
-        out[idx] = nc
-        return out.permute(0, 3, 1, 2)
-
-    def ln(self, x, channels_last):
-        bhwc = x if channels_last else x.permute(0, 2, 3, 1)
-        idx = active(*bhwc.shape[1:3])[:, 0].nonzero(as_tuple=True)
-        out = torch.zeros_like(bhwc)
-        out[idx] = F.layer_norm(bhwc[idx], self.normalized_shape, self.weight, self.bias, self.eps)
-        return out if channels_last else out.permute(0, 3, 1, 2)
-
-    def block(self, x):
-        shortcut = x
-        x = self.conv_dw(x)
-        if self.use_conv_mlp:
-            x = self.mlp(self.norm(x))
-        else:
-            x = self.mlp(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
-        if self.gamma is not None:
-            x = x.mul(self.gamma.reshape(1, -1, 1, 1))
-        x = x * active(*x.shape[2:])
-        return self.drop_path(x) + self.shortcut(shortcut)
-
-    for name, m in model.named_modules():
-        if name.split(".")[0] in ("head", "fc", "global_pool"):
-            continue
-        t = type(m).__name__
-        if type(m) in (torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.AvgPool2d):
-            m.forward = types.MethodType(conv_or_pool, m)
-        elif type(m) is torch.nn.BatchNorm2d:
-            m.forward = types.MethodType(bn, m)
-        elif t in ("LayerNorm2d", "LayerNorm"):
-            m.forward = types.MethodType(functools.partial(ln, channels_last=t == "LayerNorm"), m)
-        elif t == "ConvNeXtBlock":
-            m.forward = types.MethodType(block, m)
-    orig = model.forward_features
-    model.forward_features = lambda x: orig(x * active(*x.shape[2:]))  # SparK masks the input image
-    return model
-
-
 def _randomize(model):
     """Non-trivial norm statistics and affine parameters (timm zero-inits some; ConvNeXt's layer scale is 1e-6)."""
     g = torch.Generator().manual_seed(0)
@@ -544,7 +483,7 @@ def test_sparsify_equals_spark_dense_then_mask(name):
     mask = make_mask("random", 2, 2, 2, p=0.5)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     for training in (True, False):
-        spark = _spark_dense_then_mask(dense, mask).train(training)
+        spark = R.spark_dense_then_mask(dense, mask).train(training)
         sparse = fastlayers.sparsify(copy.deepcopy(dense)).train(training)
         with fastlayers.use_backend("reference"), sparse_mask(mask):
             out = sparse.forward_features(x)
@@ -598,7 +537,7 @@ def test_sparsify_triton_through_modules(name, device):
     dy = torch.randn_like(out)
     runs = {"kernel": (sparse, out)}
     for label, dt in (("ref32", torch.float32), ("ref64", torch.float64)):
-        spark = _spark_dense_then_mask(dense, mask).to(dt).train()
+        spark = R.spark_dense_then_mask(dense, mask).to(dt).train()
         runs[label] = (spark, spark.forward_features(x.to(dt)))
     grads = {k: torch.autograd.grad(o, list(m.parameters()), dy.to(o.dtype), allow_unused=True)
              for k, (m, o) in runs.items()}
@@ -653,7 +592,7 @@ def test_sparse_resnet50_on_gpu():
     dense = _randomize(timm.create_model("resnet50", pretrained=False)).cuda()
     mask = make_mask("random", 4, 7, 7, "cuda", p=0.4)
     x = torch.randn(4, 3, 224, 224, device="cuda")
-    spark = _spark_dense_then_mask(dense, mask).train()
+    spark = R.spark_dense_then_mask(dense, mask).train()
     sparse = fastlayers.sparsify(copy.deepcopy(dense)).train().to(torch.bfloat16)
     with sparse_mask(mask):
         out = sparse.forward_features(x.to(torch.bfloat16))

@@ -44,3 +44,77 @@ def sparse_conv2d(x, mask, weight, bias=None, stride=1, padding=0, dilation=1, g
 def masked(x, mask) -> torch.Tensor:
     """x [B, C, H, W] with its inactive pixels set to exactly 0 (SparK's `x *= active`)."""
     return torch.where(upsample_mask(mask, x.shape[2], x.shape[3]), x, 0.0)
+
+
+def spark_dense_then_mask(model, mask, exclude=("head", "fc", "classifier", "global_pool", "head_drop")):
+    """A copy of a dense timm ResNet / ConvNeXt running SparK's own formulation of its sparse encoder, for a fixed
+    mask: every conv and pooling layer runs densely and its output is multiplied by the mask; BatchNorm is a
+    BatchNorm1d on the gathered active pixels and LayerNorm normalises the gathered active pixels (both scattered
+    back into zeros); each ConvNeXt block's MLP branch is multiplied by the mask before the residual add; the
+    input image is masked in forward_features. This is what SparK computes (at full dense cost); it is the
+    baseline of the benchmarks and the oracle of fastlayers.sparsify. Top-level children in `exclude` stay dense.
+    """
+    import copy
+    import functools
+    import types
+
+    model = copy.deepcopy(model)
+
+    def active(H, W):
+        return upsample_mask(mask, H, W)
+
+    def conv_or_pool(self, x):
+        y = type(self).forward(self, x)
+        return y * active(y.shape[2], y.shape[3])
+
+    def batch_norm(self, x):  # BatchNorm1d's forward on the active rows
+        idx = active(x.shape[2], x.shape[3])[:, 0].nonzero(as_tuple=True)
+        bhwc = x.permute(0, 2, 3, 1)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch = self.training or self.running_mean is None
+        rows = F.batch_norm(bhwc[idx], self.running_mean, self.running_var, self.weight, self.bias, use_batch,
+                            factor, self.eps)
+        out = torch.zeros_like(bhwc)
+        out[idx] = rows
+        return out.permute(0, 3, 1, 2)
+
+    def layer_norm(self, x, channels_last):
+        bhwc = x if channels_last else x.permute(0, 2, 3, 1)
+        idx = active(bhwc.shape[1], bhwc.shape[2])[:, 0].nonzero(as_tuple=True)
+        out = torch.zeros_like(bhwc)
+        out[idx] = F.layer_norm(bhwc[idx], self.normalized_shape, self.weight, self.bias, self.eps)
+        return out if channels_last else out.permute(0, 3, 1, 2)
+
+    def convnext_block(self, x):
+        shortcut = x
+        x = self.conv_dw(x)
+        if self.use_conv_mlp:
+            x = self.mlp(self.norm(x))
+        else:
+            x = self.mlp(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        if self.gamma is not None:
+            x = x.mul(self.gamma.reshape(1, -1, 1, 1))
+        x = x * active(x.shape[2], x.shape[3])
+        return self.drop_path(x) + self.shortcut(shortcut)
+
+    for name, m in model.named_modules():
+        if not name or name.split(".")[0] in exclude:
+            continue
+        t = type(m)
+        timm = t.__module__.startswith("timm.")
+        if t in (torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.AvgPool2d):
+            m.forward = types.MethodType(conv_or_pool, m)
+        elif t is torch.nn.BatchNorm2d:
+            m.forward = types.MethodType(batch_norm, m)
+        elif timm and t.__name__ == "LayerNorm2d":
+            m.forward = types.MethodType(functools.partial(layer_norm, channels_last=False), m)
+        elif t is torch.nn.LayerNorm or (timm and t.__name__ == "LayerNorm"):
+            m.forward = types.MethodType(functools.partial(layer_norm, channels_last=True), m)
+        elif timm and t.__name__ == "ConvNeXtBlock":
+            m.forward = types.MethodType(convnext_block, m)
+    features = model.forward_features
+    model.forward_features = lambda x: features(x * active(x.shape[2], x.shape[3]))
+    return model
