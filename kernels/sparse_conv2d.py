@@ -341,16 +341,20 @@ def _small_tiles(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.float32 and device.type != "cpu"
 
 
-def _gemm_config(R_G: int, N_G: int, dtype: torch.dtype, device: torch.device = torch.device("cuda")) -> dict:
+def _gemm_config(R_G: int, N_G: int, dtype: torch.dtype, device: torch.device = torch.device("cuda"),
+                 n_programs_128: int = 1 << 30) -> dict:
     # Sized to compile without register spills on sm_90 (see aot_cases): the gathered tiles carry one 64-bit
     # pointer per element, so BLOCK_N stays 64 (wider layers use more N blocks; their A tiles hit L2).
+    # n_programs_128: the grid size with BLOCK_M=128; small maps (deep stages) take BLOCK_M=64 to fill the GPU.
     if _small_tiles(dtype, device):
-        bm, bn, bk, stages = 32, 64, 32, 1
-    else:
-        bm, bn, bk, stages = 128, 64, 32, 2
+        bm, bn, bk, warps, stages = 32, 64, 32, 4, 1
+    elif n_programs_128 >= _TARGET_PROGRAMS["cuda"]:
+        bm, bn, bk, warps, stages = 128, 64, 32, 4, 2
+    else:  # (64 rows with 4 warps spilled on sm_90; 8 warps do not)
+        bm, bn, bk, warps, stages = 64, 64, 32, 8, 2
     flat = R_G < bk
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 16 if flat else bk, "FLAT_K": flat,
-            "num_warps": 4, "num_stages": stages}
+            "num_warps": warps, "num_stages": stages}
 
 
 def _gemm_dw_config(R_G: int, N_G: int, dtype: torch.dtype, device: torch.device = torch.device("cuda")) -> dict:
@@ -398,7 +402,7 @@ def _launch_conv(src, weight, bias, rows, count, act_src, dst, groups, stride, p
     N = B * H_dst * W_dst
     geo = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
     if use_gemm(weight.shape[1] * groups, C_out, groups):
-        cfg = _gemm_config(R_G, N_G, src.dtype, src.device)
+        cfg = _gemm_config(R_G, N_G, src.dtype, src.device, triton.cdiv(N, 128) * groups * triton.cdiv(N_G, 64))
         grid = (triton.cdiv(N, cfg["BLOCK_M"]) + 1, groups * triton.cdiv(N_G, cfg["BLOCK_N"]))
         _sparse_conv2d_gemm_kernel[grid](
             src, _arrange(weight, groups, transposed), bias if bias is not None else src, rows, count, act_src, dst,
@@ -492,18 +496,21 @@ def aot_cases():
     def typed(ptrs, t):
         return {k: (v or t) for k, v in ptrs.items()}
 
-    gemm = {torch.bfloat16: ((64, 64, False, "cl"), (256, 512, False, "cf"), (3, 64, False, "cf"),
-                             (512, 256, True, "cl"), (64, 3, True, "cf")),
-            torch.float32: ((256, 512, False, "cf"), (3, 64, False, "cl"), (512, 256, True, "cf"))}
+    # (R_G, N_G, transposed, layout, grid size at BLOCK_M=128): both BLOCK_M the launcher picks
+    gemm = {torch.bfloat16: ((64, 64, False, "cl", 1 << 20), (256, 512, False, "cf", 1 << 20),
+                             (3, 64, False, "cf", 1 << 20), (512, 256, True, "cl", 1 << 20),
+                             (64, 3, True, "cf", 1 << 20), (512, 512, False, "cl", 1), (512, 512, True, "cl", 1)),
+            torch.float32: ((256, 512, False, "cf", 1), (3, 64, False, "cl", 1), (512, 256, True, "cf", 1))}
     dws = {torch.bfloat16: ((64, 64), (3, 64), (512, 512)), torch.float32: ((64, 64),)}
     for dt in (torch.bfloat16, torch.float32):
         t = TL_DTYPE[dt]
-        for R_G, N_G, transposed, lay in gemm[dt]:
-            cfg = _gemm_config(R_G, N_G, dt)
+        for R_G, N_G, transposed, lay, n128 in gemm[dt]:
+            cfg = _gemm_config(R_G, N_G, dt, n_programs_128=n128)
             c = dict(TRANSPOSED=transposed, FLAT_K=cfg["FLAT_K"], SKIP_EMPTY=transposed, HAS_BIAS=not transposed,
                      DOT_PREC=_dot_prec(dt), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                      **({"ssc": 1, "sdc": 1} if lay == "cl" else {"ssw": 1, "sdw": 1}))
-            cases.append(AotCase(f"sparse_conv2d_gemm[{t},{lay},R={R_G},N={N_G},{'dx' if transposed else 'fwd'}]",
+            cases.append(AotCase(f"sparse_conv2d_gemm[{t},{lay},R={R_G},N={N_G},{'dx' if transposed else 'fwd'},"
+                                 f"BM={cfg['BLOCK_M']}]",
                                  _sparse_conv2d_gemm_kernel,
                                  signature(_sparse_conv2d_gemm_kernel, typed(ptrs_conv, t), c), c, _options(cfg)))
         for R_G, N_G in dws[dt]:

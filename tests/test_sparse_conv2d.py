@@ -82,6 +82,17 @@ def test_triton_conv_matches_reference(case, dtype, device):
     check(triton_conv, R.sparse_conv2d, inputs, kw, ("y",), name)
 
 
+def test_gemm_block_m_128_path(device, monkeypatch):
+    """Large maps take BLOCK_M=128 (small ones, as in the other tests, 64): check that configuration too."""
+    from fastlayers.kernels import sparse_conv2d as K
+    monkeypatch.setitem(K._TARGET_PROGRAMS, "cuda", 1)
+    for case in (CONV_CASES[1], CONV_CASES[2]):
+        name, B, Cin, Cout, H, W, k, s, p, d, g, (mh, mw), cl = case
+        inputs = conv_inputs(B, Cin, Cout, H, W, k, g, torch.float16, device, cl)
+        kw = {"mask": make_mask("random", B, mh, mw, device), "stride": s, "padding": p, "dilation": d, "groups": g}
+        check(triton_conv, R.sparse_conv2d, inputs, kw, ("y",), name)
+
+
 @pytest.mark.parametrize("kind", ["on", "off", "checker", "random"])
 @pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[4]], ids=[CONV_IDS[1], CONV_IDS[4]])
 def test_conv_masks_and_exact_zeros(case, kind, device):
@@ -504,7 +515,7 @@ def test_sparsify_densify_round_trip():
     types_before = {n: type(m) for n, m in model.named_modules()}
     ids_before = {n: id(p) for n, p in model.named_parameters()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    fastlayers.sparsify(model)
+    fastlayers.sparsify(fastlayers.sparsify(model))  # twice: a no-op the second time
     kinds = {type(m).__name__ for m in model.modules()}
     assert {"SparseConv2d", "SparseLayerNorm2d"} <= kinds
     assert type(model.head.norm).__name__ == "LayerNorm2d"  # the head stays dense

@@ -158,8 +158,8 @@ def sparsify(model: nn.Module, *, exclude: Iterable[str] = _HEAD_NAMES, verbose:
     def visit(parent: nn.Module, prefix: str):
         for name, child in parent.named_children():
             path = f"{prefix}.{name}" if prefix else name
-            if not prefix and name in exclude:
-                continue
+            if (not prefix and name in exclude) or "_fastlayers_dense_type" in child.__dict__:
+                continue  # the head, or already sparse (sparsify twice is a no-op)
             spec = _sparse_type(child, parent, path)
             if spec is not None:
                 cls, extra = spec

@@ -96,9 +96,10 @@ class SparseMask:
 
 
 # SparseMasks built for plain mask tensors, keyed by the tensor's identity (checked through a weak reference, so a
-# new tensor at a recycled id never hits) and version (an in-place change rebuilds).
+# new tensor at a recycled id never hits) and version (an in-place change rebuilds). Small: each entry keeps its
+# mask and tables alive (a few MB per resolution at B=64) until evicted; pass a SparseMask to control lifetime.
 _MASK_CACHE: dict = {}
-_MASK_CACHE_SIZE = 8
+_MASK_CACHE_SIZE = 2
 
 MaskLike = Union[Tensor, SparseMask]
 
