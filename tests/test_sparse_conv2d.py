@@ -398,6 +398,12 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # modules reading the mask from the context
+    m = torch.nn.Sequential(SparseConv2d(8, 8, 3, padding=1), SparseBatchNorm2d(8), SparseLayerNorm2d(8)).to(device)
+    with fastlayers.use_backend("triton"), sparse_mask(mask):
+        eager = m(x)
+        out = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ modules
