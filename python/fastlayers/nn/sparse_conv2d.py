@@ -14,7 +14,6 @@ import contextlib
 from typing import Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.sparse_conv2d import MaskLike, SparseMask, as_sparse_mask, sparse_conv2d
