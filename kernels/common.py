@@ -32,6 +32,14 @@ def empty_like(x: torch.Tensor, dtype=None) -> torch.Tensor:
     return t
 
 
+def empty_format(shape, *, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """`empty` in a given memory format (e.g. torch.channels_last), NaN-poisoned in tests like `empty`."""
+    t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    if _POISON and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

@@ -48,6 +48,12 @@ def _train(model, args, target, steps=STEPS):
     return model
 
 
+def _batched(a, first) -> bool:
+    """The first argument carries the batch, and so does a per-sample bool mask (SparK's [B, 1, h, w]); other
+    arguments (Swin's additive window mask, states) are shared."""
+    return a is first or (isinstance(a, torch.Tensor) and a.dtype == torch.bool and a.shape[:1] == first.shape[:1])
+
+
 def _shard(t, rank):
     """This rank's part of the batch (dim 0 cut into WORLD equal parts)."""
     return t.chunk(WORLD)[rank]
@@ -59,7 +65,7 @@ def _worker(rank, port, mode, out_dir):
     states = {}
     try:
         for label, model, args, target in _examples():
-            args = [_shard(args[0], rank), *args[1:]]  # the first argument carries the batch; masks etc. do not
+            args = [_shard(a, rank) if _batched(a, args[0]) else a for a in args]
             with fastlayers.use_backend("triton"):
                 if mode == "ddp":
                     _train(torch.nn.parallel.DistributedDataParallel(model), args, _shard(target, rank))

@@ -532,3 +532,117 @@ def test_fuzz_linear_attention_retention_invalid(args):
 
 
 FUZZED.update({"linear_attention", "retention"})
+
+
+# ---------------------------------------------------------------------------------------- sparse conv, norms
+
+@st.composite
+def _sparse_mask(draw, B, h, w, seed):
+    kind = draw(st.sampled_from(["random", "all", "none", "checker"]))
+    if kind == "all":
+        return torch.ones(B, 1, h, w, dtype=torch.bool, device=DEV)
+    if kind == "none":
+        return torch.zeros(B, 1, h, w, dtype=torch.bool, device=DEV)
+    if kind == "checker":
+        ii, jj = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        return ((ii + jj) % 2 == 0).expand(B, 1, h, w).contiguous().to(DEV)
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(B, 1, h, w, generator=g) < draw(st.sampled_from([0.25, 0.4, 0.75]))).to(DEV)
+
+
+@st.composite
+def _sparse_conv2d_args(draw):
+    B, h, w, p = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.sampled_from([2, 4]))
+    Cin = draw(st.sampled_from([3, 8, 16, 24]))
+    groups = draw(st.sampled_from([1, Cin] + ([2] if Cin % 2 == 0 else [])))
+    Cout = Cin if groups == Cin else draw(st.sampled_from([8, 16, 20]))
+    Cout = Cout if Cout % groups == 0 else groups * 4
+    k = draw(st.sampled_from([1, 3, 5, 7]))
+    stride = draw(st.sampled_from([1, 2])) if p % 2 == 0 else 1
+    dtype = draw(st.sampled_from(KERNEL_DTYPES))
+    seed = draw(st.integers(0, 2**16))
+    x = _t((B, Cin, h * p, w * p), dtype, seed)
+    if draw(st.booleans()):
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    inputs = {"x": x, "weight": _t((Cout, Cin // groups, k, k), dtype, seed + 1, scale=(k * k * Cin / groups) ** -0.5)}
+    if draw(st.booleans()):
+        inputs["bias"] = _t((Cout,), dtype, seed + 2)
+    kw = {"mask": draw(_sparse_mask(B, h, w, seed)), "stride": stride, "padding": k // 2, "groups": groups}
+    return inputs, kw
+
+
+@FUZZ
+@given(_sparse_conv2d_args())
+def test_fuzz_sparse_conv2d(args):
+    inputs, kw = args
+    res = compare(functools.partial(fastlayers.sparse_conv2d, backend="triton"), R.sparse_conv2d, inputs, kw)
+    assert_results(res, f"{ {k: tuple(v.shape) for k, v in inputs.items()} } "
+                        f"{ {k: v for k, v in kw.items() if k != 'mask'} } active={kw['mask'].float().mean():.2f}")
+
+
+@st.composite
+def _sparse_norm2d_args(draw):
+    B, h, w, p = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 4]))
+    Cn = draw(st.sampled_from([3, 8, 24, 40]))
+    dtype = draw(st.sampled_from(KERNEL_DTYPES))
+    seed = draw(st.integers(0, 2**16))
+    mask = draw(_sparse_mask(B, h, w, seed))
+    which = draw(st.sampled_from(["bn", "ln", "ln_cl"]))
+    cl = which == "ln_cl"
+    x = _t((B, h * p, w * p, Cn) if cl else (B, Cn, h * p, w * p), dtype, seed)
+    inputs = {"x": x, "weight": _t((Cn,), dtype, seed + 1), "bias": _t((Cn,), dtype, seed + 2)}
+    if which == "bn":
+        return "bn", inputs, {"mask": mask, "training": True}
+    return "ln", inputs, {"mask": mask, "channels_last": cl}
+
+
+@FUZZ
+@given(_sparse_norm2d_args())
+def test_fuzz_sparse_norm2d(args):
+    which, inputs, kw = args
+    fn, ref = ((fastlayers.sparse_batch_norm2d, R.sparse_batch_norm2d) if which == "bn" else
+               (fastlayers.sparse_layer_norm2d, R.sparse_layer_norm2d))
+    if which == "bn" and int(kw["mask"].sum()) * (inputs["x"].shape[2] // kw["mask"].shape[2]) ** 2 < 8:
+        # with n active values per channel dx has n-2 degrees of freedom: for n <= 2 it is exactly zero and its
+        # relative error pure rounding noise (PyTorch raises for n = 1); keep n >= 8
+        return
+    res = compare(functools.partial(fn, backend="triton"), ref, inputs, kw)
+    assert_results(res, f"{which} { {k: tuple(v.shape) for k, v in inputs.items()} }")
+
+
+@st.composite
+def _sparse_bad(draw):
+    x, w, m = torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3), torch.ones(2, 1, 2, 2, dtype=torch.bool)
+    which = draw(st.sampled_from(["x_rank", "w_shape", "groups", "mask_shape", "mask_res", "mask_dtype",
+                                  "stride", "ln_weight", "bn_stats"]))
+    if which == "x_rank":
+        return "conv", (torch.randn(2, 4, 8), m, w), {}
+    if which == "w_shape":
+        return "conv", (x, m, torch.randn(6, 3, 3, 3)), {}
+    if which == "groups":
+        return "conv", (x, m, w), {"groups": 3}
+    if which == "mask_shape":
+        return "conv", (x, torch.ones(3, 1, 2, 2, dtype=torch.bool), w), {}
+    if which == "mask_res":
+        return "conv", (x, torch.ones(2, 1, 3, 3, dtype=torch.bool), w), {}
+    if which == "mask_dtype":
+        return "conv", (x, torch.ones(2, 1, 2, 2), w), {}
+    if which == "stride":
+        return "conv", (x, m, w), {"stride": 0}
+    if which == "ln_weight":
+        return "ln", (x, m), {"weight": torch.randn(5)}
+    return "bn", (x, m), {"running_mean": torch.zeros(4)}
+
+
+@FUZZ
+@given(_sparse_bad())
+def test_fuzz_sparse_invalid(args):
+    which, a, kw = args
+    fn = {"conv": fastlayers.sparse_conv2d, "ln": fastlayers.sparse_layer_norm2d,
+          "bn": fastlayers.sparse_batch_norm2d}[which]
+    with pytest.raises((ValueError, TypeError)) as e:
+        fn(*a, **kw, backend="triton")
+    assert "sparse_" in str(e.value)
+
+
+FUZZED.update({"sparse_conv2d", "sparse_norm2d"})

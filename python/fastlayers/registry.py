@@ -34,6 +34,7 @@ class OpInfo:
     # "exact": NaN/Inf outputs are exactly the reference's; "superset": every output the reference makes
     # non-finite is non-finite, and a non-finite input may spread further (the reason is in `notes`)
     nonfinite: str = "exact"
+    functions: tuple = ()              # its public functions, when not just fastlayers.<name>
     notes: str = ""
 
     def ops_module(self):
@@ -121,6 +122,26 @@ OPS: dict[str, OpInfo] = {
             Support("reference", ALL_DTYPES + ("fp64",), gpu_verified=True, notes="CPU path"),
         ),
         notes="the linear_attention chunk kernels with a decay; benchmarked in bench_linear_attention"),
+    "sparse_conv2d": OpInfo(
+        "sparse_conv2d", kernels="sparse_conv2d", bench="bench_sparse_conv2d", modules="sparse_conv2d",
+        functions=("sparse_conv2d", "sparsify", "densify"),
+        support=(
+            Support("triton", notes="SparK semantics; work on active pixels only (mask tables built once per "
+                                    "resolution); dense / grouped: gather-GEMM, depthwise: direct; kernels ≤ 31, "
+                                    "stride, dilation, NCHW and channels-last; dweight deterministic"),
+            Support("reference", ALL_DTYPES + ("fp64",), gpu_verified=True, notes="conv2d(x·m_in)·m_out; CPU path"),
+        ),
+        notes="SparK masked conv on active pixels only: gather-GEMM (dense/grouped), direct (depthwise)"),
+    "sparse_norm2d": OpInfo(
+        "sparse_norm2d", kernels="sparse_norm2d", modules="sparse_norm2d",
+        functions=("sparse_batch_norm2d", "sparse_layer_norm2d"), autocast="fp32",
+        support=(
+            Support("triton", notes="BatchNorm (running stats as SparK) and LayerNorm (channels-first / -last) "
+                                    "over active pixels; zeros elsewhere"),
+            Support("reference", ALL_DTYPES + ("fp64",), gpu_verified=True, notes="CPU path"),
+        ),
+        notes="SparK sparse BatchNorm2d / LayerNorm2d over active pixels (benchmarked in bench_sparse_conv2d); "
+              "under autocast LayerNorm runs in fp32 and BatchNorm keeps x's dtype, as the native norms"),
 }
 
 

@@ -6,7 +6,10 @@ from .halo_attention import halo_attention
 from .linear_attention import linear_attention, linear_attention_step
 from .retention import retention, retention_step
 from .selective_scan import selective_scan, selective_scan_step
+from .sparse_conv2d import masked, spark_dense_then_mask, sparse_conv2d, upsample_mask
+from .sparse_norm2d import sparse_batch_norm2d, sparse_layer_norm2d
 
 __all__ = ["attention", "decay_bias", "depthwise_conv2d", "dilated_conv1d", "dilated_conv1d_step",
-            "halo_attention", "linear_attention", "linear_attention_step", "retention", "retention_step",
-            "selective_scan", "selective_scan_step"]
+            "halo_attention", "linear_attention", "linear_attention_step", "masked", "retention", "retention_step",
+            "selective_scan", "selective_scan_step", "spark_dense_then_mask", "sparse_batch_norm2d",
+            "sparse_conv2d", "sparse_layer_norm2d", "upsample_mask"]
