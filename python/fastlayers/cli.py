@@ -146,11 +146,18 @@ def cmd_bench(args) -> int:
         def tqdm(x, **k):
             return x
     all_cases = [c for op in registry.get(args.ops) if op.bench for c in op.bench_module().cases(dev, args.quick)]
+    if args.no_compile_baselines:  # torch.compile of each baseline costs tens of seconds per shape
+        for c in all_cases:
+            c.impls = {k: v for k, v in c.impls.items() if not k.endswith("+compile")}
     rows = []
+    tag = "bench" if not args.ops else "bench-" + "-".join(args.ops)
     for case in tqdm(all_cases, desc="benchmark cases", unit="case"):
         rows += bc.run_case(case, dev, args.modes, env)
-    tag = "bench" if not args.ops else "bench-" + "-".join(args.ops)
-    paths = bc.write_results(rows, env, args.out, tag)  # under <out>/<gpu name>/, or <out>/cpu/
+        # written after every case, so a run stopped by a time limit keeps what it measured
+        paths = bc.write_results(rows, env, args.out, tag)  # under <out>/<gpu name>/, or <out>/cpu/
+    if not rows:
+        print("no benchmark cases for the selected ops")
+        return 0
     print(bc.render_markdown(rows, env))
     print("results: " + ", ".join(f"{k}: {v}" for k, v in paths.items()))
     return 0
@@ -226,6 +233,8 @@ def main(argv=None) -> int:
     b.add_argument("--modes", nargs="*", default=None, choices=["fwd", "bwd", "fwd+bwd"])
     b.add_argument("--out", default=os.path.join("benchmarks", "results"))
     b.add_argument("--report", action="store_true", help="render committed GPU results into REPORT.md + PNG")
+    b.add_argument("--no-compile-baselines", action="store_true",
+                   help="skip the torch.compile(reference) baselines (they dominate a short run's time)")
     m = sub.add_parser("matrix", help="the support matrix (op × backend × dtype × fwd/bwd × compile) from the registry")
     g = m.add_mutually_exclusive_group()
     g.add_argument("--write", metavar="README", help="replace the generated block in this file")
