@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import fastlayers
 from fastlayers import reference as R
 
-from .common import Case
+from .common import Case, shapes_and_dtype
 
 # (name, B, H, N, D, learnable bias [1, H, N, N])
 GPU_SHAPES = [
@@ -51,8 +51,7 @@ def _flex(with_bias: bool):
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
     on_gpu = device.type == "cuda"
-    shapes = (QUICK_GPU_SHAPES if quick else GPU_SHAPES) if on_gpu else CPU_SHAPES
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    shapes, dtype = shapes_and_dtype(device, quick, GPU_SHAPES, QUICK_GPU_SHAPES, CPU_SHAPES)
     out = []
     for name, B, H, N, D, with_bias in shapes:
         def make(B=B, H=H, N=N, D=D, with_bias=with_bias):

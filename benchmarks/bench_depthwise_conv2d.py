@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import fastlayers
 from fastlayers import reference as R
 
-from .common import Case
+from .common import Case, shapes_and_dtype
 
 # (name, B, C, H, W, K)
 GPU_SHAPES = [
@@ -27,9 +27,8 @@ CPU_SHAPES = [("small", 2, 32, 28, 28, 7)]
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
     on_gpu = device.type == "cuda"
-    shapes = (QUICK_GPU_SHAPES if quick else GPU_SHAPES) if on_gpu else CPU_SHAPES
+    shapes, dtype = shapes_and_dtype(device, quick, GPU_SHAPES, QUICK_GPU_SHAPES, CPU_SHAPES)
     layouts = (False, True) if on_gpu else (False,)
-    dtype = torch.bfloat16 if on_gpu else torch.float32
     out = []
     for name, B, C, H, W, K in shapes:
         for cl in layouts:

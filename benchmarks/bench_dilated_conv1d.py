@@ -13,7 +13,7 @@ import fastlayers
 from fastlayers import _ext
 from fastlayers import reference as R
 
-from .common import Case
+from .common import Case, optional_import, shapes_and_dtype
 
 # (name, B, C, L, K, dilation, activation, channels_last)
 GPU_SHAPES = [
@@ -34,18 +34,9 @@ def _torch_conv1d(x, weight, bias, dilation, activation):
     return F.silu(y) if activation else y
 
 
-def _causal_conv1d():
-    try:
-        from causal_conv1d import causal_conv1d_fn
-        return causal_conv1d_fn
-    except Exception:
-        return None
-
-
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
     on_gpu = device.type == "cuda"
-    shapes = (QUICK_GPU_SHAPES if quick else GPU_SHAPES) if on_gpu else CPU_SHAPES
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    shapes, dtype = shapes_and_dtype(device, quick, GPU_SHAPES, QUICK_GPU_SHAPES, CPU_SHAPES)
     out = []
     for name, B, C, L, K, d, act, cl in shapes:
         def make(B=B, C=C, L=L, K=K, cl=cl):
@@ -71,7 +62,7 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
             impls["torch.conv1d"] = lambda x, weight, bias, d=d, act=act: _torch_conv1d(x, weight, bias, d, act)
         impls["reference"] = ref
         impls["reference+compile"] = torch.compile(ref, dynamic=False)
-        ccf = _causal_conv1d() if on_gpu else None
+        ccf = optional_import("causal_conv1d", "causal_conv1d_fn") if on_gpu else None
         if ccf is not None and d == 1 and 2 <= K <= 4:
             impls["causal-conv1d"] = lambda x, weight, bias, act=act: ccf(x, weight, bias, activation=act)
         elt = torch.finfo(dtype).bits // 8

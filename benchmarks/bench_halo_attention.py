@@ -16,20 +16,12 @@ from torch.func import functional_call
 from fastlayers import reference as R
 from fastlayers.nn import HaloAttention
 
-from .common import Case
+from .common import Case, optional_import
 
 # (name, B, C, H=W, heads, block, halo)
 GPU_SHAPES = [("HaloNet stage", 64, 256, 32, 8, 8, 3), ("local attention", 32, 128, 64, 4, 8, 3)]
 CPU_SHAPES = [("small", 2, 32, 16, 4, 8, 3)]
 PARAMS = ("q.weight", "kv.weight", "pos_embed.height_rel", "pos_embed.width_rel")
-
-
-def _timm_halo_attn():
-    try:
-        from timm.layers.halo_attn import HaloAttn
-        return HaloAttn
-    except Exception:
-        return None
 
 
 def _reference_layer(x, wq, wkv, hrel, wrel, m: HaloAttention):
@@ -126,7 +118,7 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
             impls = {}
             if on_gpu:
                 impls["fastlayers"] = module_fn(m)
-                HaloAttn = _timm_halo_attn()
+                HaloAttn = optional_import("timm.layers.halo_attn", "HaloAttn")
                 if HaloAttn is not None:
                     t = HaloAttn(C, num_heads=heads, block_size=block, halo_size=halo).to(device, dtype)
                     impls["timm HaloAttn"] = module_fn(t)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import fastlayers
 from fastlayers import reference as R
 
-from .common import Case
+from .common import Case, shapes_and_dtype
 
 # (label, B, H, L, D, kind); kind: "noncausal" (SLAB), "causal" (linear attention), "retention", "two-sided"
 GPU_SHAPES = [
@@ -60,8 +60,7 @@ def _gamma(H, device):
 
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
     on_gpu = device.type == "cuda"
-    shapes = (QUICK_GPU_SHAPES if quick else GPU_SHAPES) if on_gpu else CPU_SHAPES
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    shapes, dtype = shapes_and_dtype(device, quick, GPU_SHAPES, QUICK_GPU_SHAPES, CPU_SHAPES)
     fla = _fla() if on_gpu else None
     out = []
     for label, B, H, L, D, kind in shapes:

@@ -16,7 +16,7 @@ import fastlayers
 from fastlayers import _ext
 from fastlayers import reference as R
 
-from .common import Case
+from .common import Case, optional_import, shapes_and_dtype
 
 # (name, B, D, L, N, with the reference baselines)
 GPU_SHAPES = [
@@ -29,18 +29,9 @@ QUICK_GPU_SHAPES = [GPU_SHAPES[0], GPU_SHAPES[3]]
 CPU_SHAPES = [("small", 2, 64, 16, 16, True)]
 
 
-def _mamba_ssm():
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        return selective_scan_fn
-    except Exception:
-        return None
-
-
 def cases(device: torch.device, quick: bool = False) -> list[Case]:
     on_gpu = device.type == "cuda"
-    shapes = (QUICK_GPU_SHAPES if quick else GPU_SHAPES) if on_gpu else CPU_SHAPES
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    shapes, dtype = shapes_and_dtype(device, quick, GPU_SHAPES, QUICK_GPU_SHAPES, CPU_SHAPES)
     out = []
     for name, B, D, L, N, with_ref in shapes:
         def make(B=B, D=D, L=L, N=N):
@@ -60,7 +51,7 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
             impls["fastlayers-triton"] = call(fastlayers.selective_scan, backend="triton")
             if _ext.has_op("selective_scan_fwd_cuda"):
                 impls["fastlayers-cuda"] = call(fastlayers.selective_scan, backend="cuda")
-            peer = _mamba_ssm()
+            peer = optional_import("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
             if peer is not None:
                 impls["mamba_ssm"] = call(peer)
         if with_ref:

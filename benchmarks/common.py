@@ -44,6 +44,22 @@ class Case:
     params: dict = dataclasses.field(default_factory=dict)
 
 
+def shapes_and_dtype(device: torch.device, quick: bool, gpu: list, quick_gpu: list, cpu: list):
+    """The shapes a bench module runs here and their dtype: bf16 at the papers' shapes on a GPU (fewer with
+    --quick), fp32 at small shapes on a CPU (reference vs torch.compile only)."""
+    if device.type == "cuda":
+        return (quick_gpu if quick else gpu), torch.bfloat16
+    return cpu, torch.float32
+
+
+def optional_import(module: str, name: str):
+    """A peer library's function or class, or None when it does not import on this machine."""
+    try:
+        return getattr(__import__(module, fromlist=[name]), name)
+    except Exception:  # missing, or a wheel / ABI mismatch (common for CUDA peers)
+        return None
+
+
 def environment() -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import AotCase, TL_DTYPE, empty, next_pow2, signature
+from .common import AotCase, empty, next_pow2, signature
 
 
 @triton.jit

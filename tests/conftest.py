@@ -11,6 +11,8 @@ os.environ.setdefault("FASTLAYERS_POISON", "1")
 
 import pytest  # noqa: E402
 
+from fastlayers.testing import check_dtypes  # noqa: E402
+
 
 def pytest_collection_modifyitems(config, items):
     if ON_GPU:
@@ -34,4 +36,4 @@ def _seed():
 
 # Kernel dtypes testable here: the interpreter computes bf16 arithmetic wrongly (../shared/DESIGN.md), so bf16
 # numerics are tested on the GPU only.
-KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+KERNEL_DTYPES = check_dtypes("cuda" if ON_GPU else "cpu")

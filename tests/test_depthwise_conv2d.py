@@ -344,7 +344,7 @@ def test_accelerate_timm_convnext_same_outputs():
 
 
 def test_accelerate_timm_convnext_block_triton(device):
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.models.convnext import ConvNeXtBlock
     block = ConvNeXtBlock(8, ls_init_value=1.0).to(device)
     x = torch.randn(2, 8, 9, 7, device=device, requires_grad=True)

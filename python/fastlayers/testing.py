@@ -12,6 +12,12 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+def check_dtypes(device) -> list:
+    """The dtypes the kernels are checked in: fp32 and fp16 everywhere, bf16 on a GPU only (the Triton
+    interpreter computes bf16 arithmetic wrongly; its loads, stores and casts are right)."""
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if torch.device(device).type == "cuda" else [])
+
+
 EPS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
 RMS_CAP = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2, torch.float64: 1e-10}
 

@@ -179,10 +179,10 @@ def check_cases(device):
     """Small cases for `fastlayers check`: the Triton kernels against the reference."""
     import functools
 
-    from ..testing import CheckCase
+    from ..testing import CheckCase, check_dtypes
 
     out = []
-    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+    dtypes = check_dtypes(device)
     g = torch.Generator().manual_seed(0)
     for dt in dtypes:
         for (B, Cn, H, W, K, pad, d, s, cl) in ((2, 5, 11, 13, 7, "same", 1, 1, False),

@@ -275,10 +275,10 @@ def check_cases(device):
     """Small cases for `fastlayers check`: the Triton kernels against the reference."""
     import functools
 
-    from ..testing import CheckCase
+    from ..testing import CheckCase, check_dtypes
 
     out = []
-    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+    dtypes = check_dtypes(device)
     g = torch.Generator().manual_seed(0)
     for dt in dtypes:
         def t(*shape):

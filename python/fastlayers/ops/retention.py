@@ -96,10 +96,10 @@ def check_cases(device):
     """Small cases for `fastlayers check`: the Triton kernels against the reference."""
     import functools
 
-    from ..testing import CheckCase
+    from ..testing import CheckCase, check_dtypes
 
     out = []
-    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+    dtypes = check_dtypes(device)
     g = torch.Generator().manual_seed(0)
     B, H, N, DK, DV = 2, 3, 41, 16, 24
     gamma = (1 - 2.0 ** (-5 - torch.arange(H, dtype=torch.float32))).to(device)

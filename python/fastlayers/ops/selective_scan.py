@@ -289,11 +289,11 @@ def check_cases(device):
     """Small cases for `fastlayers check`: the Triton (and, when built, CUDA) kernels against the reference."""
     import functools
 
-    from ..testing import CheckCase
+    from ..testing import CheckCase, check_dtypes
 
     out = []
     backends = ["triton"] + (["cuda"] if device.type == "cuda" and _ext.has_op("selective_scan_fwd_cuda") else [])
-    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+    dtypes = check_dtypes(device)
     g = torch.Generator().manual_seed(0)
     for be in backends:
         for dt in dtypes:

@@ -315,10 +315,10 @@ def check_cases(device):
     """Small cases for `fastlayers check`: the Triton kernels against the reference."""
     import functools
 
-    from ..testing import CheckCase
+    from ..testing import CheckCase, check_dtypes
 
     out = []
-    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+    dtypes = check_dtypes(device)
     g = torch.Generator().manual_seed(0)
     for dt in dtypes:
         for (B, Cin, Cout, H, k, s, groups) in ((2, 24, 40, 12, 3, 1, 1), (1, 16, 16, 12, 7, 1, 16),
