@@ -141,7 +141,7 @@ def _config(C: int, L: int, channels_last: bool) -> dict:
         block_c, block_l = 4, 512
     block_l = min(block_l, max(16, next_pow2(L)))
     # num_stages=1: the K taps already overlap in cache; software pipelining only multiplied live tiles
-    return {"BLOCK_C": block_c, "BLOCK_L": block_l, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_C": block_c, "BLOCK_L": block_l, "num_warps": 8 if channels_last else 4, "num_stages": 1}
 
 
 def _unroll(K: int) -> int:
@@ -221,6 +221,12 @@ def dilated_conv1d_bwd(x, weight, initial_state, g, dilation: int, pad: int):
 # ---------------------------------------------------------------------------------------------------------------
 # ahead-of-time compile cases (CI compiles each for sm_90; see kernels/common.py)
 
+def _aligned(ptrs: dict, dilation_aligned: bool) -> tuple:
+    """What the JIT specialises as 16-divisible for typical sizes: pointers, L and the outer strides; with a
+    dilation (and so a padding) that is a multiple of 16 (TCNCA's d=64), the shifted taps vectorise too."""
+    return tuple(ptrs) + ("L", "sxb") + (("DIL", "PAD") if dilation_aligned else ())
+
+
 def aot_cases():
     cases = []
     for dt in (torch.bfloat16, torch.float32):
@@ -239,11 +245,13 @@ def aot_cases():
                     cases.append(AotCase(f"dilated_conv1d_fwd[{t},{lay},K={K},grad={grad}]",
                                          _dilated_conv1d_fwd_kernel,
                                          signature(_dilated_conv1d_fwd_kernel, ptrs, fwd_c), fwd_c,
-                                         {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
+                                         {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+                                         aligned=_aligned(ptrs, K == 32)))
                 bwd_c = dict(K=K, KP=next_pow2(K), UNROLL=_unroll(K), HAS_INIT=flags, **blocks, **unit)
                 ptrs = {"x_ptr": t, "w_ptr": t, "init_ptr": t, "g_ptr": "fp32" if flags else t, "dx_ptr": t,
                         "dinit_ptr": t, "dw_ptr": "fp32", "db_ptr": "fp32"}
                 cases.append(AotCase(f"dilated_conv1d_bwd[{t},{lay},K={K}]", _dilated_conv1d_bwd_kernel,
                                      signature(_dilated_conv1d_bwd_kernel, ptrs, bwd_c), bwd_c,
-                                     {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
+                                     {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+                                     aligned=_aligned(ptrs, K == 32)))
     return cases
