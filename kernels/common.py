@@ -97,7 +97,10 @@ def compile_sm90(case: AotCase) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    attrs = {(list(case.signature).index(a),): [["tt.divisibility", 16]] for a in case.aligned} or None
+    # Pointers from torch's allocator are 16-byte aligned, and the JIT specialises them so (vector loads, more
+    # registers): compile that variant, plus whatever else the case marks (strides, sizes).
+    aligned = set(case.aligned) | {a for a, t in case.signature.items() if t.startswith("*")}
+    attrs = {(list(case.signature).index(a),): [["tt.divisibility", 16]] for a in aligned} or None
     src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(case.options))
     shared = int(compiled.metadata.shared)
