@@ -93,6 +93,26 @@ def _rel_window_logits(q, hrel_ptr, wrel_ptr, qa, qc, WIN, N_REL, DQK, pos_scale
 
 
 @triton.jit
+def _key_window(by, bx, cols, BLK, HALO, WIN, HF, WF, MASK_PAD: tl.constexpr):
+    """The key window of query block (by, bx): its first image row y0, its columns kx [WIN_P], which columns
+    are inside the image (x_in) and take part (valid), and the window rows [lo, hi_r) a program visits
+    (mask_padding skips rows outside the image; timm's zero keys keep them)."""
+    y0 = by * BLK - HALO
+    kx = bx * BLK - HALO + cols
+    col_ok = cols < WIN
+    x_in = col_ok & (kx >= 0) & (kx < WF)
+    if MASK_PAD:
+        valid = x_in
+        lo = tl.maximum(-y0, 0)
+        hi_r = tl.minimum(HF - y0, WIN)
+    else:
+        valid = col_ok
+        lo = 0
+        hi_r = WIN
+    return y0, kx, x_in, valid, lo, hi_r
+
+
+@triton.jit
 def _halo_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, hrel_ptr, wrel_ptr, o_ptr, lse_ptr,
     NH, WQ, HF, WF, NBX, BLK, HALO, QBLK, WIN, N_REL, DQK, DV, NQ,
@@ -116,18 +136,7 @@ def _halo_attention_fwd_kernel(
     if HAS_REL:
         rh, rw, hrel, wrel = _rel_window_logits(q, hrel_ptr, wrel_ptr, qa, qc, WIN, N_REL, DQK, pos_scale,
                                                 BLOCK_Q, WIN_P, REL_P, DQK_P, PREC)
-    y0 = by * BLK - HALO
-    kx = bx * BLK - HALO + cols
-    col_ok = cols < WIN
-    x_in = col_ok & (kx >= 0) & (kx < WF)
-    if MASK_PAD:
-        valid = x_in
-        lo = tl.maximum(-y0, 0)
-        hi_r = tl.minimum(HF - y0, WIN)
-    else:
-        valid = col_ok
-        lo = 0
-        hi_r = WIN
+    y0, kx, x_in, valid, lo, hi_r = _key_window(by, bx, cols, BLK, HALO, WIN, HF, WF, MASK_PAD)
     k_base = bi * skb + hi * skh
     v_base = bi * svb + hi * svh
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
@@ -198,18 +207,7 @@ def _halo_attention_bwd_dq_kernel(
         tl.store(rw_ptr + r_off, rw, mask=mq[:, None])
         gh = tl.zeros([BLOCK_Q, WIN_P], tl.float32)  # d(logits) summed over window columns, per window row
         gw = tl.zeros([BLOCK_Q, WIN_P], tl.float32)  # ... over window rows, per window column
-    y0 = by * BLK - HALO
-    kx = bx * BLK - HALO + cols
-    col_ok = cols < WIN
-    x_in = col_ok & (kx >= 0) & (kx < WF)
-    if MASK_PAD:
-        valid = x_in
-        lo = tl.maximum(-y0, 0)
-        hi_r = tl.minimum(HF - y0, WIN)
-    else:
-        valid = col_ok
-        lo = 0
-        hi_r = WIN
+    y0, kx, x_in, valid, lo, hi_r = _key_window(by, bx, cols, BLK, HALO, WIN, HF, WF, MASK_PAD)
     k_base = bi * skb + hi * skh
     v_base = bi * svb + hi * svh
     acc = tl.zeros([BLOCK_Q, DQK_P], tl.float32)
