@@ -15,13 +15,24 @@ from hypothesis import strategies as st
 import fastlayers
 from fastlayers import reference as R
 from fastlayers import registry
-from fastlayers.testing import assert_results, compare
 
 from .conftest import KERNEL_DTYPES, ON_GPU
+from .helpers import check
 
 DEV = torch.device("cuda" if ON_GPU else "cpu")
 FUZZ = settings(max_examples=int(os.environ.get("FASTLAYERS_FUZZ_EXAMPLES", "12")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], derandomize=True)
+
+
+def _shapes(inputs) -> str:
+    return str({k: tuple(v.shape) for k, v in inputs.items()})
+
+
+def _rejects(op: str, call) -> None:
+    """An invalid argument raises ValueError/TypeError whose message names the op."""
+    with pytest.raises((ValueError, TypeError)) as e:
+        call()
+    assert op in str(e.value)
 
 
 def _t(shape, dtype, seed, grad=True, scale=1.0):
@@ -53,8 +64,8 @@ def _dilated_conv1d_args(draw):
 @given(_dilated_conv1d_args())
 def test_fuzz_dilated_conv1d(args):
     inputs, kw = args
-    res = compare(functools.partial(fastlayers.dilated_conv1d, backend="triton"), R.dilated_conv1d, inputs, kw)
-    assert_results(res, f"{ {k: tuple(v.shape) for k, v in inputs.items()} } {kw}")
+    check(functools.partial(fastlayers.dilated_conv1d, backend="triton"), R.dilated_conv1d, inputs, kw,
+          context=f"{_shapes(inputs)} {kw}")
 
 
 @st.composite
@@ -92,9 +103,7 @@ def _dilated_conv1d_bad(draw):
 @given(_dilated_conv1d_bad())
 def test_fuzz_dilated_conv1d_invalid(args):
     x, w, kw = args
-    with pytest.raises((ValueError, TypeError)) as e:
-        fastlayers.dilated_conv1d(x, w, **kw, backend="triton")
-    assert "dilated_conv1d" in str(e.value)
+    _rejects("dilated_conv1d", lambda: fastlayers.dilated_conv1d(x, w, **kw, backend="triton"))
 
 
 FUZZED = {"dilated_conv1d"}
@@ -132,8 +141,8 @@ def _depthwise_conv2d_args(draw):
 @given(_depthwise_conv2d_args())
 def test_fuzz_depthwise_conv2d(args):
     inputs, kw = args
-    res = compare(functools.partial(fastlayers.depthwise_conv2d, backend="triton"), R.depthwise_conv2d, inputs, kw)
-    assert_results(res, f"{ {k: tuple(v.shape) for k, v in inputs.items()} } {kw}")
+    check(functools.partial(fastlayers.depthwise_conv2d, backend="triton"), R.depthwise_conv2d, inputs, kw,
+          context=f"{_shapes(inputs)} {kw}")
 
 
 @st.composite
@@ -165,9 +174,7 @@ def _depthwise_conv2d_bad(draw):
 @given(_depthwise_conv2d_bad())
 def test_fuzz_depthwise_conv2d_invalid(args):
     x, w, kw = args
-    with pytest.raises((ValueError, TypeError)) as e:
-        fastlayers.depthwise_conv2d(x, w, **kw, backend="triton")
-    assert "depthwise_conv2d" in str(e.value)
+    _rejects("depthwise_conv2d", lambda: fastlayers.depthwise_conv2d(x, w, **kw, backend="triton"))
 
 
 FUZZED.add("depthwise_conv2d")
@@ -185,7 +192,8 @@ def _halo_attention_args(draw):
     Dqk, Dv = draw(st.integers(3, 20)), draw(st.integers(3, 20))
     dtype = draw(st.sampled_from(KERNEL_DTYPES))
     seed = draw(st.integers(0, 2**16))
-    inputs = {"q": _t((B, H, Dqk, Hf // stride, Wf // stride), dtype, seed), "k": _t((B, H, Dqk, Hf, Wf), dtype, seed + 1),
+    inputs = {"q": _t((B, H, Dqk, Hf // stride, Wf // stride), dtype, seed),
+              "k": _t((B, H, Dqk, Hf, Wf), dtype, seed + 1),
               "v": _t((B, H, Dv, Hf, Wf), dtype, seed + 2)}
     kw = {"block_size": b, "halo_size": h, "query_stride": stride, "mask_padding": draw(st.booleans())}
     if draw(st.booleans()):
@@ -205,9 +213,8 @@ def test_fuzz_halo_attention(args):
 
     def run(fn, q, k, v, height_rel=None, width_rel=None, **kw):
         return fn(q, k, v, rel_pos=None if height_rel is None else (height_rel, width_rel), **kw)
-    res = compare(functools.partial(run, functools.partial(fastlayers.halo_attention, backend="triton")),
-                  functools.partial(run, R.halo_attention), inputs, kw)
-    assert_results(res, f"{ {k: tuple(v.shape) for k, v in inputs.items()} } {kw}")
+    check(functools.partial(run, functools.partial(fastlayers.halo_attention, backend="triton")),
+          functools.partial(run, R.halo_attention), inputs, kw, context=f"{_shapes(inputs)} {kw}")
 
 
 @st.composite
@@ -244,9 +251,7 @@ def _halo_attention_bad(draw):
 @given(_halo_attention_bad())
 def test_fuzz_halo_attention_invalid(args):
     q, k, v, kw = args
-    with pytest.raises((ValueError, TypeError)) as e:
-        fastlayers.halo_attention(q, k, v, **kw, backend="triton")
-    assert "halo_attention" in str(e.value)
+    _rejects("halo_attention", lambda: fastlayers.halo_attention(q, k, v, **kw, backend="triton"))
 
 
 FUZZED.add("halo_attention")
@@ -295,10 +300,10 @@ def _attention_call(fn, q, k, v, bias=None, table=None, index=None, **kw):
 @given(_attention_args())
 def test_fuzz_attention(args):
     inputs, kw = args
-    res = compare(functools.partial(_attention_call, functools.partial(fastlayers.attention, backend="triton")),
-                  functools.partial(_attention_call, R.attention), inputs, kw)
-    assert_results(res, f"{ {k: tuple(v.shape) for k, v in inputs.items()} } "
-                        f"{ {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()} }")
+    check(functools.partial(_attention_call, functools.partial(fastlayers.attention, backend="triton")),
+          functools.partial(_attention_call, R.attention), inputs, kw,
+          context=f"{_shapes(inputs)} "
+                  f"{ {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()} }")
 
 
 @st.composite
@@ -335,9 +340,7 @@ def _attention_bad(draw):
 @given(_attention_bad())
 def test_fuzz_attention_invalid(args):
     q, k, v, kw = args
-    with pytest.raises((ValueError, TypeError)) as e:
-        fastlayers.attention(q, k, v, **kw, backend="triton")
-    assert "attention" in str(e.value)
+    _rejects("attention", lambda: fastlayers.attention(q, k, v, **kw, backend="triton"))
 
 
 FUZZED.add("attention")
@@ -376,8 +379,8 @@ def _selective_scan_args(draw):
 @given(_selective_scan_args())
 def test_fuzz_selective_scan(args):
     inputs, kw = args
-    res = compare(functools.partial(fastlayers.selective_scan, backend="triton"), R.selective_scan, inputs, kw)
-    assert_results(res, f"{ {k: tuple(v.shape) for k, v in inputs.items()} } {kw}")
+    check(functools.partial(fastlayers.selective_scan, backend="triton"), R.selective_scan, inputs, kw,
+          context=f"{_shapes(inputs)} {kw}")
 
 
 @st.composite
@@ -414,9 +417,7 @@ def _selective_scan_bad(draw):
 @FUZZ
 @given(_selective_scan_bad())
 def test_fuzz_selective_scan_invalid(a):
-    with pytest.raises((ValueError, TypeError)) as e:
-        fastlayers.selective_scan(**a, backend="triton")
-    assert "selective_scan" in str(e.value)
+    _rejects("selective_scan", lambda: fastlayers.selective_scan(**a, backend="triton"))
 
 
 FUZZED.add("selective_scan")
@@ -459,10 +460,9 @@ def _linear_attention_call(fn, q, k, v, S0=None, z0=None, **kw):
 @given(_linear_attention_args())
 def test_fuzz_linear_attention(args):
     inputs, kw = args
-    res = compare(functools.partial(_linear_attention_call,
-                                    functools.partial(fastlayers.linear_attention, backend="triton")),
-                  functools.partial(_linear_attention_call, R.linear_attention), inputs, kw)
-    assert_results(res, f"{ {k: tuple(v.shape) for k, v in inputs.items()} } {kw}")
+    check(functools.partial(_linear_attention_call, functools.partial(fastlayers.linear_attention, backend="triton")),
+          functools.partial(_linear_attention_call, R.linear_attention), inputs, kw,
+          context=f"{_shapes(inputs)} {kw}")
 
 
 @st.composite
@@ -485,8 +485,8 @@ def _retention_args(draw):
 @given(_retention_args())
 def test_fuzz_retention(args):
     inputs, kw = args
-    res = compare(functools.partial(fastlayers.retention, backend="triton"), R.retention, inputs, kw)
-    assert_results(res, f"{ {k: tuple(v.shape) for k, v in inputs.items()} } causal={kw['causal']}")
+    check(functools.partial(fastlayers.retention, backend="triton"), R.retention, inputs, kw,
+          context=f"{_shapes(inputs)} causal={kw['causal']}")
 
 
 @st.composite
@@ -523,12 +523,10 @@ def _linear_attention_bad(draw):
 @given(_linear_attention_bad())
 def test_fuzz_linear_attention_retention_invalid(args):
     op, q, k, v, kw = args
-    with pytest.raises((ValueError, TypeError)) as e:
-        if op == "retention":
-            fastlayers.retention(q, k, v, kw.pop("gamma"), **kw, backend="triton")
-        else:
-            fastlayers.linear_attention(q, k, v, **kw, backend="triton")
-    assert op in str(e.value)
+    if op == "retention":
+        _rejects(op, lambda: fastlayers.retention(q, k, v, kw.pop("gamma"), **kw, backend="triton"))
+    else:
+        _rejects(op, lambda: fastlayers.linear_attention(q, k, v, **kw, backend="triton"))
 
 
 FUZZED.update({"linear_attention", "retention"})
@@ -552,7 +550,8 @@ def _sparse_mask(draw, B, h, w, seed):
 
 @st.composite
 def _sparse_conv2d_args(draw):
-    B, h, w, p = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.sampled_from([2, 4]))
+    B, h, w = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    p = draw(st.sampled_from([2, 4]))
     Cin = draw(st.sampled_from([3, 8, 16, 24]))
     groups = draw(st.sampled_from([1, Cin] + ([2] if Cin % 2 == 0 else [])))
     Cout = Cin if groups == Cin else draw(st.sampled_from([8, 16, 20]))
@@ -575,14 +574,15 @@ def _sparse_conv2d_args(draw):
 @given(_sparse_conv2d_args())
 def test_fuzz_sparse_conv2d(args):
     inputs, kw = args
-    res = compare(functools.partial(fastlayers.sparse_conv2d, backend="triton"), R.sparse_conv2d, inputs, kw)
-    assert_results(res, f"{ {k: tuple(v.shape) for k, v in inputs.items()} } "
-                        f"{ {k: v for k, v in kw.items() if k != 'mask'} } active={kw['mask'].float().mean():.2f}")
+    check(functools.partial(fastlayers.sparse_conv2d, backend="triton"), R.sparse_conv2d, inputs, kw,
+          context=f"{_shapes(inputs)} {dict((k, v) for k, v in kw.items() if k != 'mask')} "
+                  f"active={kw['mask'].float().mean():.2f}")
 
 
 @st.composite
 def _sparse_norm2d_args(draw):
-    B, h, w, p = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 4]))
+    B, h, w = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    p = draw(st.sampled_from([1, 2, 4]))
     Cn = draw(st.sampled_from([3, 8, 24, 40]))
     dtype = draw(st.sampled_from(KERNEL_DTYPES))
     seed = draw(st.integers(0, 2**16))
@@ -606,8 +606,7 @@ def test_fuzz_sparse_norm2d(args):
         # with n active values per channel dx has n-2 degrees of freedom: for n <= 2 it is exactly zero and its
         # relative error pure rounding noise (PyTorch raises for n = 1); keep n >= 8
         return
-    res = compare(functools.partial(fn, backend="triton"), ref, inputs, kw)
-    assert_results(res, f"{which} { {k: tuple(v.shape) for k, v in inputs.items()} }")
+    check(functools.partial(fn, backend="triton"), ref, inputs, kw, context=f"{which} {_shapes(inputs)}")
 
 
 @st.composite
@@ -640,9 +639,7 @@ def test_fuzz_sparse_invalid(args):
     which, a, kw = args
     fn = {"conv": fastlayers.sparse_conv2d, "ln": fastlayers.sparse_layer_norm2d,
           "bn": fastlayers.sparse_batch_norm2d}[which]
-    with pytest.raises((ValueError, TypeError)) as e:
-        fn(*a, **kw, backend="triton")
-    assert "sparse_" in str(e.value)
+    _rejects("sparse_", lambda: fn(*a, **kw, backend="triton"))
 
 
 FUZZED.update({"sparse_conv2d", "sparse_norm2d"})
